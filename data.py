@@ -1,0 +1,256 @@
+"""WikiAnn for kyg: reading, tokenising, batching, priming tasks, and entity-level F1.
+
+Where the sentences come from (one of two, same examples either way):
+  * the Hugging Face hub: `datasets.load_dataset("unimelb-nlp/wikiann", lang)` (the default);
+  * a local directory laid out `{lang}/{train,dev,test}.tsv` (or `.tsv.gz`), CoNLL style:
+    `token<TAB>tag`, a blank line between sentences -- the layout of `../shared/data/wikiann/`.
+
+Then, for the model (model.py) and the loops (meta.py, kyg.py):
+  encode()      words -> sub-word ids; the gold tag sits on each word's first sub-word, -100 elsewhere
+  batches()     dynamic padding, length-bucketed: {input_ids, attention_mask, labels} [B, T]
+  TaskSampler   one priming task per source language: disjoint support 𝒟tr and query 𝒟ts batches
+  word_tags()   sub-word logits back to one tag per gold word (words the model never saw are `O`)
+  f1()          entity-level micro F1 (seqeval, IOB2)
+"""
+import gzip
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+# The WikiAnn tag set, in the hub's class-id order (ids 0..6).
+LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
+LABEL_ID = {tag: i for i, tag in enumerate(LABELS)}
+SPLITS = ("train", "dev", "test")
+HUB_DATASET = "unimelb-nlp/wikiann"
+
+
+class KygError(Exception):
+    """Bad input the user can fix. kyg.py prints it as one line; the message names the fix."""
+
+
+@dataclass
+class Sentence:
+    words: list  # [str] * n_words
+    tags: list   # [int] * n_words, ids into LABELS
+
+
+# ----------------------------------------------------------------------------- reading
+
+def load_split(lang, split, data_dir=None, max_sentences=None):
+    """The sentences of one WikiAnn split: from `data_dir` when given, else from the hub.
+
+    `max_sentences` keeps the first N (for quick runs); the split's order is the dataset's.
+    """
+    if split not in SPLITS:
+        raise KygError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    sentences = _read_local(lang, split, data_dir) if data_dir else _read_hub(lang, split)
+    if not sentences:
+        raise KygError(f"the {split} split of {lang!r} has no sentences: check the data "
+                       f"({data_dir or HUB_DATASET})")
+    return sentences[:max_sentences] if max_sentences else sentences
+
+
+def _read_local(lang, split, data_dir):
+    lang_dir = os.path.join(data_dir, lang)
+    if not os.path.isdir(lang_dir):
+        known = sorted(d for d in os.listdir(data_dir)
+                       if os.path.isdir(os.path.join(data_dir, d))) if os.path.isdir(data_dir) else []
+        if not known:
+            raise KygError(f"data directory {data_dir!r} has no language folders: "
+                           f"lay it out as {{lang}}/{{train,dev,test}}.tsv")
+        raise KygError(f"unknown language {lang!r}: {data_dir} has {', '.join(known)}")
+    for name in (f"{split}.tsv", f"{split}.tsv.gz"):
+        path = os.path.join(lang_dir, name)
+        if os.path.isfile(path):
+            return read_conll(path)
+    raise KygError(f"missing file {os.path.join(lang_dir, split + '.tsv')} (or .tsv.gz): "
+                   f"every language needs train, dev and test")
+
+
+def read_conll(path):
+    """`token<TAB>tag` lines, blank line between sentences -> [Sentence]."""
+    opener = gzip.open if path.endswith(".gz") else open
+    sentences, words, tags = [], [], []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                if words:
+                    sentences.append(Sentence(words, tags))
+                words, tags = [], []
+                continue
+            word, sep, tag = line.rpartition("\t")
+            if not sep:
+                raise KygError(f"{path}:{line_no}: expected 'token<TAB>tag', got {line!r}")
+            if tag not in LABEL_ID:
+                raise KygError(f"{path}:{line_no}: tag {tag!r} is not in the WikiAnn tag set "
+                               f"({' '.join(LABELS)}): convert the data to these IOB2 tags")
+            words.append(word)
+            tags.append(LABEL_ID[tag])
+    if words:
+        sentences.append(Sentence(words, tags))
+    return sentences
+
+
+def _read_hub(lang, split):
+    import datasets  # only the hub path needs it
+    try:
+        ds = datasets.load_dataset(HUB_DATASET, lang,
+                                   split={"dev": "validation"}.get(split, split))
+    except ValueError as e:  # datasets says "BuilderConfig 'xx' not found" for unknown configs
+        raise KygError(f"unknown language {lang!r} for {HUB_DATASET}: {str(e).splitlines()[0]}")
+    except (OSError, ConnectionError) as e:
+        raise KygError(f"cannot fetch {HUB_DATASET}/{lang} from the hub ({type(e).__name__}); "
+                       f"without the hub, pass --data-dir DIR with {{lang}}/{{train,dev,test}}.tsv")
+    names = ds.features["ner_tags"].feature.names
+    if names != LABELS:
+        raise KygError(f"{HUB_DATASET}/{lang} has tags {names}, expected {LABELS}")
+    return [Sentence(list(r["tokens"]), list(r["ner_tags"])) for r in ds]
+
+
+# ----------------------------------------------------------------------------- tokenising
+
+@dataclass
+class Example:
+    input_ids: list       # [int] * T, T <= max_length, special tokens included
+    labels: list          # [int] * T: the word's tag on its first sub-word, -100 elsewhere
+    word_positions: list  # [int] * n_words: index of the word's first sub-word, -1 if the model never sees it
+    tags: list            # [int] * n_words: the gold tags of every word, for scoring
+
+
+def encode(sentences, tokenizer, max_length):
+    """Sentences -> Examples. Truncation cuts what the model sees, never what is scored."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise KygError(f"the tokenizer ({type(tokenizer).__name__}) is not a fast tokenizer; kyg "
+                       f"needs word_ids() to align labels: give the model a tokenizer.json")
+    enc = tokenizer([s.words for s in sentences], is_split_into_words=True,
+                    truncation=True, max_length=max_length)
+    examples = []
+    for i, sentence in enumerate(sentences):
+        labels, positions = [], [-1] * len(sentence.words)
+        previous = None
+        for position, word in enumerate(enc.word_ids(i)):
+            first = word is not None and word != previous
+            labels.append(sentence.tags[word] if first else -100)
+            if first:
+                positions[word] = position
+            previous = word
+        examples.append(Example(enc["input_ids"][i], labels, positions, sentence.tags))
+    return examples
+
+
+def collate(examples, pad_id):
+    """[Example] -> {input_ids, attention_mask, labels}: LongTensors [B, T], T = longest in the batch."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def batches(examples, batch_size, rng=None):
+    """Index lists of batches. With `rng` (training): shuffled, then length-bucketed -- sorted by
+    length within windows of 50 batches, so a batch pads little yet the order stays random.
+    Without (evaluation): sorted by length, the least padding of all."""
+    order = list(range(len(examples)))
+    length = lambda i: len(examples[i].input_ids)
+    if rng is None:
+        order.sort(key=length)
+    else:
+        rng.shuffle(order)
+        window = 50 * batch_size
+        order = [i for w in range(0, len(order), window) for i in sorted(order[w:w + window], key=length)]
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if rng is not None:
+        rng.shuffle(chunks)
+    return chunks
+
+
+# ----------------------------------------------------------------------------- priming tasks
+
+class TaskSampler:
+    """Alg. 1, line 7: "sample a batch of tasks 𝒯". A task is one source language's pair of disjoint
+    batches from its train split, support 𝒟tr and query 𝒟ts. A meta-batch holds one task per source
+    language. Each language is walked in a shuffled order, reshuffled when used up, so within a pass
+    no sentence is drawn twice."""
+
+    def __init__(self, examples_by_lang, support_size, query_size, seed):
+        self.examples = examples_by_lang
+        self.support_size, self.query_size = support_size, query_size
+        for lang, examples in examples_by_lang.items():
+            if len(examples) < support_size + query_size:
+                raise KygError(f"source language {lang!r} has {len(examples)} training sentences, "
+                               f"fewer than one task needs ({support_size} + {query_size})")
+        self.rng = random.Random(seed)
+        self.queue = {lang: [] for lang in examples_by_lang}
+
+    def steps_per_pass(self):
+        """Meta-batches in one pass over the smallest source language."""
+        return min(len(e) for e in self.examples.values()) // (self.support_size + self.query_size)
+
+    def sample(self):
+        """-> [(lang, support [Example], query [Example])], one task per source language."""
+        tasks = []
+        for lang, examples in self.examples.items():
+            need = self.support_size + self.query_size
+            if len(self.queue[lang]) < need:
+                self.queue[lang] = list(range(len(examples)))
+                self.rng.shuffle(self.queue[lang])
+            drawn, self.queue[lang] = self.queue[lang][:need], self.queue[lang][need:]
+            tasks.append((lang, [examples[i] for i in drawn[:self.support_size]],
+                          [examples[i] for i in drawn[self.support_size:]]))
+        return tasks
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def word_tags(example, logits):
+    """logits [T, len(LABELS)] of one sentence -> one tag string per gold word; a word whose first
+    sub-word the model never saw (cut by truncation) is predicted `O`."""
+    best = logits.argmax(-1).tolist()
+    return [LABELS[best[p]] if p >= 0 else "O" for p in example.word_positions]
+
+
+def f1(gold, predicted):
+    """Entity-level micro F1 in percent over lists of tag-string sequences: seqeval's default,
+    conlleval-compatible mode (an entity is a maximal B-X I-X... span; a stray I-X starts one)."""
+    from seqeval.metrics import f1_score
+    return 100.0 * f1_score(gold, predicted, zero_division=0)
+
+
+# ----------------------------------------------------------------------------- tiny data
+
+TINY_SYLLABLES = ("ka", "lo", "mi", "ra", "te", "su", "no", "vi", "de", "ba", "go", "pe", ".")
+_TINY_ENTITY_START = {"PER": "ka", "ORG": "ba", "LOC": "vi"}  # what makes the tiny task learnable
+
+
+def write_tiny_data(directory, languages, sizes=(200, 50, 50), seed=0):
+    """WikiAnn-shaped synthetic data, `{lang}/{train,dev,test}.tsv`, for tests and `run.sh smoke`.
+    Words are 1-3 syllables; an entity word starts with its type's syllable, every other word
+    does not, and entities span one or two words. Each language draws its own sentences."""
+    others = [s for s in TINY_SYLLABLES if s not in _TINY_ENTITY_START.values() and s != "."]
+    for lang in languages:
+        rng = random.Random(f"{seed}-{lang}")
+        word = lambda first: first + "".join(rng.choices(others, k=rng.randint(0, 2)))
+        for split, size in zip(SPLITS, sizes):
+            lines = []
+            for _ in range(size):
+                for _ in range(rng.randint(3, 10)):
+                    kind = rng.choice(["O", "O", "O", "PER", "ORG", "LOC"])
+                    if kind == "O":
+                        lines.append(f"{word(rng.choice(others))}\tO")
+                    else:
+                        for i in range(rng.randint(1, 2)):
+                            lines.append(f"{word(_TINY_ENTITY_START[kind])}\t{'BI'[i > 0]}-{kind}")
+                lines.append(".\tO\n")
+            os.makedirs(os.path.join(directory, lang), exist_ok=True)
+            with open(os.path.join(directory, lang, f"{split}.tsv"), "w", encoding="utf-8") as f:
+                f.write("\n".join(lines))
+    return directory

@@ -1,0 +1,401 @@
+"""kyg: the command line. Priming (meta.py), fine-tuning and evaluation, and the results table.
+
+    python kyg.py prime --method meta --out primed/meta.pt          # Algorithm 1 on en + es
+    python kyg.py finetune --method adapter --init primed/meta.pt --lang hi --out results
+    python kyg.py table results                                      # ours beside Table 1
+    python kyg.py tiny DIR        # a tiny BERT and tiny WikiAnn-style data, for offline smoke runs
+
+Every command takes --model (hub name or local directory), --data-dir (local WikiAnn; default:
+the hub), --seed, --device. Table 1's rows are:
+    1 finetune full      2 finetune head      3 finetune adapter
+    4 prime meta -> adapter      5 prime ft -> adapter      6 prime maml -> adapter
+    7 prime meta --inner-steps 1 -> adapter
+run.sh runs them all; the README says why each default below is what it is.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+
+# ---- defaults: the paper's where it gives them (§4.1, §4.2, §5.1), ours otherwise (README)
+MODEL = "bert-base-multilingual-cased"  # §4.2
+SOURCE_LANGS = ["en", "es"]            # §4.1
+TARGET_LANGS = ["hi", "af", "az", "lt", "et", "nl"]  # §4.1, Table 1
+INNER_STEPS = 5                        # S, §4.2 (setting 7: 1)
+INNER_LR = {"meta": 0.03, "maml": 1e-4}  # α, §4.2; the MAML loop needs 1e-4 (§5.1)
+META_LR = 5e-5                         # β, AdamW with a linear schedule, §4.2
+BOTTLENECK = 64                        # §4.2
+SUPPORT_SIZE, QUERY_SIZE = 32, 32      # sentences in 𝒟tr and 𝒟ts of one task (ours)
+FINETUNE_LR = {"full": 5e-5, "head": 1e-3, "adapter": 1e-3}  # ours
+EPOCHS = 5                             # ours; the epoch is chosen on dev F1
+BATCH_SIZE = 32                        # ours
+MAX_LENGTH = 128                       # sub-words the model sees (ours); scoring uses every word
+
+# Table 1 of the paper: entity-level F1, mBERT, priming on en + es. (priming, fine-tuning) per row.
+PAPER_TABLE1 = {
+    1: ("none", "full", {"hi": 86.73, "af": 91.29, "az": 87.70, "lt": 89.43, "et": 90.88, "nl": 91.47}),
+    2: ("none", "head", {"hi": 72.71, "af": 79.11, "az": 74.24, "lt": 78.34, "et": 81.23, "nl": 78.90}),
+    3: ("none", "adapter", {"hi": 77.76, "af": 84.10, "az": 81.08, "lt": 83.00, "et": 85.13, "nl": 83.89}),
+    4: ("meta", "adapter", {"hi": 81.25, "af": 88.23, "az": 83.29, "lt": 86.30, "et": 87.18, "nl": 88.97}),
+    5: ("ft", "adapter", {"hi": 79.55, "af": 87.78, "az": 82.28, "lt": 85.79, "et": 86.56, "nl": 88.82}),
+    6: ("maml", "adapter", {"hi": 80.18, "af": 85.82, "az": 81.47, "lt": 85.73, "et": 85.86, "nl": 88.13}),
+    7: ("meta-S1", "adapter", {"hi": 80.23, "af": 86.46, "az": 80.35, "lt": 84.43, "et": 86.14, "nl": 88.49}),
+}
+ROW_NAMES = {1: "Full FT", 2: "HT", 3: "AT", 4: "Meta Priming → AT", 5: "FT Priming → AT",
+             6: "MP [MAML Loop] → AT", 7: "MP [1 Inner Step] → AT"}
+# The paper's claims, checked per language: (better row, worse row).
+ORDERINGS = [(4, 5), (4, 6), (4, 7), (4, 3), (3, 2)] + [(1, row) for row in range(2, 8)]
+FIGURE4_PRIMING, FIGURE4_FINETUNING = ("meta", "maml", "none"), ("adapter", "full")
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    from data import KygError
+    try:
+        args.command(args)
+    except KygError as e:
+        sys.exit(f"kyg: error: {e}")
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="kyg", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    def shared(q):
+        q.add_argument("--model", default=MODEL, help=f"hub name or local directory (default {MODEL})")
+        q.add_argument("--data-dir", help="local WikiAnn, {lang}/{train,dev,test}.tsv[.gz] (default: the hub)")
+        q.add_argument("--device", help="default: cuda when present, else cpu")
+        q.add_argument("--max-train", type=int, help="use only the first N training sentences per language")
+        q.add_argument("--max-length", type=int, default=MAX_LENGTH, help="sub-words the model sees")
+        q.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+
+    q = sub.add_parser("prime", help="prime θp and θa on the source languages (Alg. 1, or setting 5)")
+    shared(q)
+    q.add_argument("--method", choices=["meta", "ft", "maml"], required=True,
+                   help="meta: Algorithm 1; ft: multi-task fine-tuning (setting 5); maml: with the red line")
+    q.add_argument("--source", nargs="+", default=SOURCE_LANGS)
+    q.add_argument("--steps", type=int, help="meta-steps (default: one pass over the smallest source train split)")
+    q.add_argument("--inner-steps", type=int, default=INNER_STEPS, help="S")
+    q.add_argument("--inner-lr", type=float, help="α (default 0.03 for meta, 1e-4 for maml)")
+    q.add_argument("--meta-lr", type=float, default=META_LR, help="β")
+    q.add_argument("--support-size", type=int, default=SUPPORT_SIZE)
+    q.add_argument("--query-size", type=int, default=QUERY_SIZE)
+    q.add_argument("--bottleneck", type=int, default=BOTTLENECK)
+    q.add_argument("--seed", type=int, default=1)
+    q.add_argument("--out", required=True, help="the primed checkpoint to write (θp and θa)")
+    q.set_defaults(command=prime)
+
+    q = sub.add_parser("finetune", help="fine-tune on one target language; append the result to OUT/results.jsonl")
+    shared(q)
+    q.add_argument("--method", choices=["full", "head", "adapter"], required=True)
+    q.add_argument("--init", help="a primed checkpoint (default: the plain pretrained model)")
+    q.add_argument("--lang", nargs="+", required=True, help="one run per language and seed")
+    q.add_argument("--seed", type=int, nargs="+", default=[1])
+    q.add_argument("--epochs", type=int, default=EPOCHS)
+    q.add_argument("--lr", type=float, help="default: 5e-5 full, 1e-3 head and adapter")
+    q.add_argument("--bottleneck", type=int, default=BOTTLENECK)
+    q.add_argument("--max-eval", type=int, help="score only the first N dev and test sentences")
+    q.add_argument("--no-save", action="store_true", help="do not write the fine-tuned weights")
+    q.add_argument("--out", required=True, help="results directory")
+    q.set_defaults(command=finetune)
+
+    q = sub.add_parser("table", help="ours beside the paper's Table 1 and Figure 4, from DIR/results.jsonl")
+    q.add_argument("dir")
+    q.set_defaults(command=table)
+
+    q = sub.add_parser("tiny", help="write a tiny BERT (DIR/model) and tiny WikiAnn-style data (DIR/data)")
+    q.add_argument("dir")
+    q.set_defaults(command=tiny)
+    return p
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def setup(args, seed):
+    """Seed everything; pick the device."""
+    import torch
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def to_device_fn(tokenizer, device):
+    from data import collate
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return lambda examples: {k: v.to(device, non_blocking=True) for k, v in collate(examples, pad_id).items()}
+
+
+def write_json_atomic(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def read_results(directory):
+    path = os.path.join(directory, "results.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_result(directory, record):
+    """Append one JSON line atomically: the whole file is rewritten to a temp file and renamed."""
+    path = os.path.join(directory, "results.jsonl")
+    lines = [json.dumps(r) for r in read_results(directory)] + [json.dumps(record)]
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def priming_label(priming):
+    """How a checkpoint was primed, as Table 1 names it: none, meta, ft, maml, or meta-S1 (S ≠ 5)."""
+    if priming is None:
+        return "none"
+    if priming["method"] != "ft" and priming["inner_steps"] != INNER_STEPS:
+        return f"{priming['method']}-S{priming['inner_steps']}"
+    return priming["method"]
+
+
+# ----------------------------------------------------------------------------- prime
+
+def prime(args):
+    """Write a primed checkpoint: θp and θa after Algorithm 1 (or setting 5) on --source."""
+    import model as M
+    from data import TaskSampler, encode, load_split
+    from meta import prime as run_priming
+    if os.path.exists(args.out):
+        print(f"kyg: {args.out} exists, priming skipped (delete it to prime again)")
+        return
+    device = setup(args, args.seed)
+    inner_lr = args.inner_lr if args.inner_lr is not None else INNER_LR.get(args.method, 0.0)
+    model, tokenizer = M.load(args.model, args.source, with_adapter=True, bottleneck=args.bottleneck)
+    model.to(device)
+    sources = {lang: encode(load_split(lang, "train", args.data_dir, args.max_train), tokenizer, args.max_length)
+               for lang in args.source}
+    sampler = TaskSampler(sources, args.support_size, args.query_size, args.seed)
+    steps = args.steps or sampler.steps_per_pass()
+    started = time.time()
+    losses = run_priming(model, sampler, to_device_fn(tokenizer, device), args.method, steps,
+                         args.inner_steps, inner_lr, args.meta_lr)
+    priming = {"method": args.method, "model": args.model, "data_dir": args.data_dir, "source": args.source,
+               "steps": steps, "inner_steps": args.inner_steps, "inner_lr": inner_lr, "meta_lr": args.meta_lr,
+               "support_size": args.support_size, "query_size": args.query_size, "bottleneck": args.bottleneck,
+               "max_train": args.max_train, "max_length": args.max_length, "seed": args.seed,
+               "seconds": round(time.time() - started, 1),
+               "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)]}
+    M.save_atomic({"kind": "primed", "priming": priming, "pretrained": model.encoder.state_dict(),
+                   "adapter": model.adapter.state_dict()}, args.out)
+    print(f"kyg: primed ({args.method}, {steps} steps, {priming['seconds']} s, query loss "
+          f"{losses[0]:.3f} -> {losses[-1]:.3f}) -> {args.out}")
+
+
+# ----------------------------------------------------------------------------- finetune
+
+def finetune(args):
+    """One fine-tuning run per --lang and --seed; a run already in OUT/results.jsonl is skipped."""
+    for lang in args.lang:
+        for seed in args.seed:
+            config = {**{k: v for k, v in vars(args).items() if k not in ("command", "device", "out", "no_save")},
+                      "lang": lang, "seed": seed}
+            if any(r["config"] == config for r in read_results(args.out)):
+                print(f"kyg: {args.method} on {lang}, seed {seed}, init {args.init or 'none'}: "
+                      f"already in {args.out}/results.jsonl, skipped")
+            else:
+                finetune_one(args, lang, seed, config)
+
+
+def finetune_one(args, lang, seed, config):
+    """Fine-tune θ of --method on `lang`, choose the epoch on dev F1, report dev and test F1."""
+    import torch
+    import model as M
+    from data import batches, encode, f1, load_split, word_tags, LABELS
+    from tqdm import tqdm
+    device = setup(args, seed)
+    with_adapter = args.method == "adapter" or args.init is not None
+    model, tokenizer = M.load(args.model, [lang], with_adapter, args.bottleneck)
+    priming = M.load_primed(model, args.init) if args.init else None
+    groups = {"full": ("pretrained", "adapter", "head"), "head": ("head",), "adapter": ("adapter", "head")}[args.method]
+    for name, p in model.named_parameters():
+        p.requires_grad_(M.group_of(name) in groups)
+    model.to(device)
+    trained, total = M.parameter_count(model, groups)
+    print(f"kyg: {args.method} fine-tuning updates {trained:,} of {total:,} parameters "
+          f"({100 * trained / total:.3g}%)")
+
+    split = lambda name, cap: encode(load_split(lang, name, args.data_dir, cap), tokenizer, args.max_length)
+    train, dev, test = split("train", args.max_train), split("dev", args.max_eval), split("test", args.max_eval)
+    to_device = to_device_fn(tokenizer, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr or FINETUNE_LR[args.method], fused=device.type == "cuda")
+    steps = args.epochs * math.ceil(len(train) / args.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    rng = random.Random(seed)
+
+    def evaluate(examples):
+        model.eval()
+        gold, predicted = [], []
+        with torch.no_grad():
+            for chunk in batches(examples, 2 * args.batch_size):
+                batch = to_device([examples[i] for i in chunk])
+                logits = model(lang, batch["input_ids"], batch["attention_mask"]).float().cpu()
+                for row, i in enumerate(chunk):
+                    gold.append([LABELS[t] for t in examples[i].tags])
+                    predicted.append(word_tags(examples[i], logits[row]))
+        return f1(gold, predicted)
+
+    started = time.time()
+    best = (-1.0, 0, None)  # (dev F1, epoch, trained state)
+    progress = tqdm(total=steps, desc=f"{priming_label(priming)}→{args.method} {lang}", unit="step")
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        for chunk in batches(train, args.batch_size, rng):
+            batch = to_device([train[i] for i in chunk])
+            loss = M.token_loss(model(lang, batch["input_ids"], batch["attention_mask"]), batch["labels"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            progress.update()
+            progress.set_postfix(loss=f"{loss.item():.3f}", best_dev=f"{best[0]:.1f}")
+        dev_f1 = evaluate(dev)
+        if dev_f1 > best[0]:
+            state = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+            best = (dev_f1, epoch, state)
+    progress.close()
+    dev_f1, best_epoch, state = best
+    model.load_state_dict(state, strict=False)
+    test_f1 = evaluate(test)
+
+    name = f"{priming_label(priming)}-{args.method}-{lang}-s{seed}"
+    saved_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    if not args.no_save:
+        M.save_atomic({"kind": "finetuned", "method": args.method, "lang": lang, "init": args.init,
+                       "state": state}, os.path.join(args.out, "weights", f"{name}.pt"))
+    record = {"priming": priming_label(priming), "method": args.method, "lang": lang, "seed": seed,
+              "dev_f1": round(dev_f1, 2), "test_f1": round(test_f1, 2), "best_epoch": best_epoch,
+              "trainable_params": trained, "total_params": total, "trainable_fraction": trained / total,
+              "saved_bytes": saved_bytes, "seconds": round(time.time() - started, 1),
+              "device": str(device), "train_sentences": len(train), "config": config, "priming_config": priming}
+    append_result(args.out, record)
+    print(f"kyg: {name}: dev F1 {dev_f1:.2f} (epoch {best_epoch}), test F1 {test_f1:.2f}, "
+          f"{saved_bytes / 2**20:.2f} MiB of weights to store -> {args.out}/results.jsonl")
+
+
+# ----------------------------------------------------------------------------- table
+
+def table(args):
+    """Ours (mean ± std over seeds) beside the paper's Table 1, the orderings it claims, Figure 4."""
+    results = read_results(args.dir)
+    if not results:
+        from data import KygError
+        raise KygError(f"no results in {args.dir}/results.jsonl: run `kyg.py finetune --out {args.dir}` first")
+    scores = {}
+    for r in results:
+        scores.setdefault((r["priming"], r["method"], r["lang"]), []).append(r["test_f1"])
+    langs = [l for l in TARGET_LANGS if any(k[2] == l for k in scores)] + \
+        sorted({k[2] for k in scores} - set(TARGET_LANGS))
+    stat = lambda key: (statistics.mean(scores[key]), statistics.stdev(scores[key]) if len(scores[key]) > 1 else 0.0,
+                        len(scores[key])) if key in scores else None
+
+    out = [f"# Table 1: ours beside the paper's\n",
+           f"Test F1 (entity-level, micro), mean ± std over seeds (n); the paper's number after the slash.",
+           f"From `{os.path.join(args.dir, 'results.jsonl')}`, {len(results)} runs.\n",
+           "| row | " + " | ".join(langs) + " | average |", "|---|" + "---|" * (len(langs) + 1)]
+    for row, (priming, method, paper) in PAPER_TABLE1.items():
+        cells, ours, theirs = [], [], []
+        for lang in langs:
+            s = stat((priming, method, lang))
+            cells.append(f"{s[0]:.2f} ± {s[1]:.2f} ({s[2]}) / {paper.get(lang, '–')}" if s else f"– / {paper.get(lang, '–')}")
+            if s and lang in paper:
+                ours.append(s[0]), theirs.append(paper[lang])
+        average = f"{statistics.mean(ours):.2f} / {statistics.mean(theirs):.2f}" if ours else "–"
+        out.append(f"| {row}/{ROW_NAMES[row]} | " + " | ".join(cells) + f" | {average} |")
+
+    out += ["\n## The paper's orderings, per language\n",
+            "held: ours agree and the gap exceeds the larger seed std; tie: the gap is within it; "
+            "not held: ours disagree by more than it.\n",
+            "| claim | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs)]
+    for better, worse in ORDERINGS:
+        cells = []
+        for lang in langs:
+            a, b = stat(PAPER_TABLE1[better][:2] + (lang,)), stat(PAPER_TABLE1[worse][:2] + (lang,))
+            if not (a and b):
+                cells.append("–")
+                continue
+            gap, spread = a[0] - b[0], max(a[1], b[1])
+            cells.append(f"{'held' if gap > spread else 'tie' if abs(gap) <= spread else 'not held'} ({gap:+.2f})")
+        out.append(f"| {better} > {worse} | " + " | ".join(cells) + " |")
+
+    out += ["\n## Figure 4: average test F1 over the languages, priming × fine-tuning\n",
+            "| priming ↓ fine-tuning → | " + " | ".join(FIGURE4_FINETUNING) + " |", "|---|---|---|"]
+    matrix = {}
+    for priming in FIGURE4_PRIMING:
+        row = []
+        for method in FIGURE4_FINETUNING:
+            means = [stat((priming, method, l))[0] for l in langs if stat((priming, method, l))]
+            matrix[priming, method] = statistics.mean(means) if len(means) == len(langs) else None
+            row.append(f"{matrix[priming, method]:.2f}" if matrix[priming, method] is not None else "–")
+        out.append(f"| {priming} | " + " | ".join(row) + " |")
+    text = "\n".join(out) + "\n"
+    with open(os.path.join(args.dir, "table.md.tmp"), "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(os.path.join(args.dir, "table.md.tmp"), os.path.join(args.dir, "table.md"))
+    print(text)
+    print(plot(args.dir, scores, langs, matrix))
+
+
+def plot(directory, scores, langs, matrix):
+    """Figure 3 (full fine-tuning after each priming, per language) and Figure 4 as PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "kyg: figures skipped: `pip install matplotlib` to draw figure3.png and figure4.png"
+    mean = lambda key: statistics.mean(scores[key]) if key in scores else float("nan")
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(langs), 3.2))
+    for i, priming in enumerate(FIGURE4_PRIMING):
+        ax.bar([x + 0.27 * (i - 1) for x in range(len(langs))], [mean((priming, "full", l)) for l in langs],
+               width=0.27, label={"meta": "PE inner loop (Alg. 1)", "maml": "MAML inner loop",
+                                  "none": "no priming"}[priming])
+    ax.set_xticks(range(len(langs)), langs)
+    ax.set_ylabel("test F1, full fine-tuning")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(directory, "figure3.png"), dpi=120)
+    fig, ax = plt.subplots(figsize=(4, 3.4))
+    grid = [[matrix[p, m] if matrix[p, m] is not None else float("nan") for m in FIGURE4_FINETUNING]
+            for p in FIGURE4_PRIMING]
+    ax.imshow(grid, cmap="Greens")
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center")
+    ax.set_xticks(range(2), ["adapter FT", "full FT"])
+    ax.set_yticks(range(3), ["PE priming", "MAML priming", "no priming"])
+    ax.set_title("average test F1")
+    fig.tight_layout()
+    fig.savefig(os.path.join(directory, "figure4.png"), dpi=120)
+    return f"kyg: wrote {directory}/figure3.png and {directory}/figure4.png"
+
+
+# ----------------------------------------------------------------------------- tiny
+
+def tiny(args):
+    """The offline stand-ins for mBERT and WikiAnn that the tests and `run.sh smoke` use."""
+    from data import TINY_SYLLABLES, write_tiny_data
+    from model import write_tiny_model
+    write_tiny_model(os.path.join(args.dir, "model"), TINY_SYLLABLES)
+    write_tiny_data(os.path.join(args.dir, "data"), SOURCE_LANGS + TARGET_LANGS)
+    print(f"kyg: wrote {args.dir}/model (tiny BERT) and {args.dir}/data (tiny WikiAnn-style data)")
+
+
+if __name__ == "__main__":
+    main()

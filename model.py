@@ -1,0 +1,167 @@
+"""The tagger of the paper's Figure 2: logits = h(g(f(x; θp); θa); θh).
+
+  f  `encoder`  any Hugging Face encoder (AutoModel), pretrained θp (mBERT by default)
+  g  `adapter`  one bottleneck adapter after the last layer, θa (absent for head tuning
+                and for full fine-tuning from the plain pretrained model)
+  h  `heads`    one linear token-classification head per language, θh, dropout before it
+
+Algorithm 1 treats the three groups differently, so every parameter name says its group:
+`encoder.*` is θp ("pretrained"), `adapter.*` is θa ("adapter"), `heads.<lang>.*` is θh ("head").
+meta.py runs this module through `torch.func.functional_call` with some of those names bound to
+other tensors (the inner loop's adapted copies); kyg.py fine-tunes it directly.
+
+Also here: loading from the hub or a local directory with clear errors, atomic checkpoints, and
+the tiny BERT that the tests and `run.sh smoke` build offline.
+"""
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data import LABELS, KygError
+
+DEFAULT_MODEL = "bert-base-multilingual-cased"
+GROUPS = ("pretrained", "adapter", "head")
+
+
+class Adapter(nn.Module):
+    """g(·; θa), Houlsby et al.'s bottleneck: x + up(relu(down(x))).   [B, T, H] -> [B, T, H]
+
+    Both projections start small (std 1e-3), so a fresh adapter is nearly the identity and a fresh
+    model starts from the pretrained encoder's features, as Houlsby et al. recommend."""
+
+    def __init__(self, hidden_size, bottleneck):
+        super().__init__()
+        self.down = nn.Linear(hidden_size, bottleneck)
+        self.up = nn.Linear(bottleneck, hidden_size)
+        for layer in (self.down, self.up):
+            nn.init.normal_(layer.weight, std=1e-3)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x):
+        return x + self.up(F.relu(self.down(x)))
+
+
+class Tagger(nn.Module):
+    def __init__(self, encoder, languages, with_adapter=True, bottleneck=64):
+        super().__init__()
+        hidden = encoder.config.hidden_size
+        self.encoder = encoder
+        self.adapter = Adapter(hidden, bottleneck) if with_adapter else nn.Identity()
+        self.dropout = nn.Dropout(encoder.config.hidden_dropout_prob)
+        self.heads = nn.ModuleDict({lang: nn.Linear(hidden, len(LABELS)) for lang in languages})
+        for head in self.heads.values():
+            nn.init.normal_(head.weight, std=encoder.config.initializer_range)
+            nn.init.zeros_(head.bias)
+
+    def encode(self, input_ids, attention_mask):
+        """f(x; θp): LongTensors [B, T] -> hidden states [B, T, H]."""
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def forward(self, lang, input_ids=None, attention_mask=None, hidden=None):
+        """Logits [B, T, len(LABELS)] from `lang`'s head. Pass `hidden` (the encoder's output,
+        [B, T, H]) instead of the ids to skip f: the cached-trunk paths, where θp is fixed."""
+        if hidden is None:
+            hidden = self.encode(input_ids, attention_mask)
+        return self.heads[lang](self.dropout(self.adapter(hidden)))
+
+
+def group_of(name):
+    """Parameter name -> "pretrained" (θp), "adapter" (θa) or "head" (θh)."""
+    return {"encoder": "pretrained", "adapter": "adapter", "heads": "head"}[name.split(".", 1)[0]]
+
+
+def named_params(model, *groups, lang=None):
+    """{name: parameter} of the given groups; with `lang`, only that language's head."""
+    return {name: p for name, p in model.named_parameters()
+            if group_of(name) in groups and (lang is None or group_of(name) != "head"
+                                             or name.startswith(f"heads.{lang}."))}
+
+
+def token_loss(logits, labels):
+    """Mean cross-entropy over the labelled sub-words (first of each word).  [B, T, C], [B, T] -> []"""
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load(model_name, languages, with_adapter=True, bottleneck=64):
+    """(Tagger, tokenizer) for a hub name or a local directory; errors say what is missing."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()  # the unused pooler's "newly initialised" warning is noise here
+    hf_logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    where = "directory" if os.path.isdir(model_name) else "hub model"
+    fix = "save one beside the weights (tokenizer.save_pretrained) or pass another --model"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name)
+    except (OSError, ValueError, TypeError) as e:
+        raise KygError(f"{where} {model_name!r} has no usable tokenizer ({str(e).splitlines()[0][:150]}); {fix}")
+    # transformers builds an empty tokenizer (special tokens only) when the files are missing.
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        raise KygError(f"{where} {model_name!r} has no usable tokenizer (no vocabulary found); {fix}")
+    try:
+        encoder = AutoModel.from_pretrained(model_name)
+    except (OSError, ValueError) as e:
+        raise KygError(f"cannot load the encoder from {where} {model_name!r} "
+                       f"({str(e).splitlines()[0][:150]}); pass --model a hub name or a directory "
+                       f"with config.json and weights")
+    # Token classification never reads the pooler; dropping it keeps θp to what is trained.
+    if getattr(encoder, "pooler", None) is not None:
+        encoder.pooler = None
+    return Tagger(encoder, languages, with_adapter, bottleneck), tokenizer
+
+
+def parameter_count(model, groups):
+    """(trainable, total) parameter counts when `groups` are the ones being trained."""
+    params = dict(model.named_parameters())
+    trained = sum(p.numel() for n, p in params.items() if group_of(n) in groups)
+    return trained, sum(p.numel() for p in params.values())
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_primed(model, path):
+    """Load θp and θa from a `kyg.py prime` checkpoint into `model`; returns the checkpoint's
+    record of how it was primed."""
+    if not os.path.isfile(path):
+        raise KygError(f"primed checkpoint {path!r} not found: make it with `python kyg.py prime --out {path}`")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.get("kind") != "primed":
+        raise KygError(f"{path} is not a primed checkpoint (written by `kyg.py prime`)")
+    try:
+        model.encoder.load_state_dict(checkpoint["pretrained"])
+        model.adapter.load_state_dict(checkpoint["adapter"])
+    except RuntimeError:
+        raise KygError(f"{path} was primed from {checkpoint['priming']['model']!r}, which does not "
+                       f"match the --model given: pass --model {checkpoint['priming']['model']}")
+    return checkpoint["priming"]
+
+
+# ----------------------------------------------------------------------------- tiny model
+
+def write_tiny_model(directory, syllables, seed=0):
+    """A 2-layer, hidden-32 BERT with random weights whose WordPiece vocabulary is `syllables`
+    (word-initial) and `##syllables` (word-inner), so a word of k syllables is k sub-words.
+    Saved as a normal Hugging Face directory (config, weights, tokenizer.json)."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+    os.makedirs(directory, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(syllables) + ["##" + s for s in syllables]
+    vocab_file = os.path.join(directory, "vocab.txt")
+    with open(vocab_file, "w", encoding="utf-8") as f:
+        f.write("\n".join(vocab) + "\n")
+    BertTokenizer(vocab=vocab_file, do_lower_case=False).save_pretrained(directory)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(directory)
+    return directory
