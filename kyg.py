@@ -49,6 +49,9 @@ ROW_NAMES = {1: "Full FT", 2: "HT", 3: "AT", 4: "Meta Priming → AT", 5: "FT Pr
              6: "MP [MAML Loop] → AT", 7: "MP [1 Inner Step] → AT"}
 # The paper's claims, checked per language: (better row, worse row).
 ORDERINGS = [(4, 5), (4, 6), (4, 7), (4, 3), (3, 2)] + [(1, row) for row in range(2, 8)]
+# What makes two fine-tuning runs the same run (a rerun skips it); the device does not.
+RUN_KEY = ("model", "data_dir", "init", "method", "lang", "seed", "max_train", "max_eval", "max_length",
+           "epochs", "lr", "batch_size", "bottleneck", "cached_trunk")
 FIGURE4_PRIMING, FIGURE4_FINETUNING = ("meta", "maml", "none"), ("adapter", "full")
 
 
@@ -100,6 +103,9 @@ def parser():
     q.add_argument("--lr", type=float, help="default: 5e-5 full, 1e-3 head and adapter")
     q.add_argument("--bottleneck", type=int, default=BOTTLENECK)
     q.add_argument("--max-eval", type=int, help="score only the first N dev and test sentences")
+    q.add_argument("--cached-trunk", action="store_true",
+                   help="head/adapter: train on the frozen encoder's outputs computed once, in eval mode "
+                        "(so without dropout inside the encoder); much faster")
     q.add_argument("--no-save", action="store_true", help="do not write the fine-tuned weights")
     q.add_argument("--out", required=True, help="results directory")
     q.set_defaults(command=finetune)
@@ -205,7 +211,8 @@ def finetune(args):
         for seed in args.seed:
             config = {**{k: v for k, v in vars(args).items() if k not in ("command", "device", "out", "no_save")},
                       "lang": lang, "seed": seed}
-            if any(r["config"] == config for r in read_results(args.out)):
+            key = lambda c: tuple(c.get(k) for k in RUN_KEY)
+            if any(key(r["config"]) == key(config) for r in read_results(args.out)):
                 print(f"kyg: {args.method} on {lang}, seed {seed}, init {args.init or 'none'}: "
                       f"already in {args.out}/results.jsonl, skipped")
             else:
@@ -216,8 +223,9 @@ def finetune_one(args, lang, seed, config):
     """Fine-tune θ of --method on `lang`, choose the epoch on dev F1, report dev and test F1."""
     import torch
     import model as M
-    from data import batches, encode, f1, load_split, word_tags, LABELS
+    from torch.nn.utils.rnn import pad_sequence
     from tqdm import tqdm
+    from data import KygError, LABELS, batches, encode, f1, load_split, word_tags
     device = setup(args, seed)
     with_adapter = args.method == "adapter" or args.init is not None
     model, tokenizer = M.load(args.model, [lang], with_adapter, args.bottleneck)
@@ -239,40 +247,66 @@ def finetune_one(args, lang, seed, config):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
     rng = random.Random(seed)
 
-    def evaluate(examples):
+    # With θp frozen (head and adapter tuning), f(x; θp) is the same in every epoch: dev and test are
+    # scored from features computed once, which is exact in eval mode. --cached-trunk trains on
+    # them too, which is not: the frozen trunk then runs without dropout.
+    frozen_trunk = "pretrained" not in groups
+    if args.cached_trunk and not frozen_trunk:
+        raise KygError("--cached-trunk needs a frozen trunk: use it with --method head or adapter")
+
+    def trunk_features(examples):
+        """f(x; θp) in eval mode, one [T_i, H] tensor per example."""
+        model.eval()
+        features = [None] * len(examples)
+        with torch.no_grad():
+            for chunk in batches(examples, 2 * args.batch_size):
+                batch = to_device([examples[i] for i in chunk])
+                hidden = model.encode(batch["input_ids"], batch["attention_mask"])
+                for row, i in enumerate(chunk):
+                    features[i] = hidden[row, :len(examples[i].input_ids)].clone()
+        return features
+
+    def forward(examples, chunk, features):
+        """(logits [B, T, C], labels [B, T]) of examples[chunk], from stored features if given."""
+        batch = to_device([examples[i] for i in chunk])
+        if features is None:
+            return model(lang, batch["input_ids"], batch["attention_mask"]), batch["labels"]
+        return model(lang, hidden=pad_sequence([features[i] for i in chunk], batch_first=True)), batch["labels"]
+
+    def evaluate(examples, features):
         model.eval()
         gold, predicted = [], []
         with torch.no_grad():
             for chunk in batches(examples, 2 * args.batch_size):
-                batch = to_device([examples[i] for i in chunk])
-                logits = model(lang, batch["input_ids"], batch["attention_mask"]).float().cpu()
+                logits = forward(examples, chunk, features)[0].float().cpu()
                 for row, i in enumerate(chunk):
                     gold.append([LABELS[t] for t in examples[i].tags])
                     predicted.append(word_tags(examples[i], logits[row]))
         return f1(gold, predicted)
 
     started = time.time()
+    dev_features, test_features = (trunk_features(dev), trunk_features(test)) if frozen_trunk else (None, None)
+    train_features = trunk_features(train) if args.cached_trunk else None
     best = (-1.0, 0, None)  # (dev F1, epoch, trained state)
     progress = tqdm(total=steps, desc=f"{priming_label(priming)}→{args.method} {lang}", unit="step")
     for epoch in range(1, args.epochs + 1):
         model.train()
         for chunk in batches(train, args.batch_size, rng):
-            batch = to_device([train[i] for i in chunk])
-            loss = M.token_loss(model(lang, batch["input_ids"], batch["attention_mask"]), batch["labels"])
+            loss = M.token_loss(*forward(train, chunk, train_features))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             progress.update()
             progress.set_postfix(loss=f"{loss.item():.3f}", best_dev=f"{best[0]:.1f}")
-        dev_f1 = evaluate(dev)
+        dev_f1 = evaluate(dev, dev_features)
         if dev_f1 > best[0]:
             state = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
             best = (dev_f1, epoch, state)
     progress.close()
     dev_f1, best_epoch, state = best
     model.load_state_dict(state, strict=False)
-    test_f1 = evaluate(test)
+    test_f1 = evaluate(test, test_features)
 
     name = f"{priming_label(priming)}-{args.method}-{lang}-s{seed}"
     saved_bytes = sum(t.numel() * t.element_size() for t in state.values())
