@@ -153,6 +153,7 @@ def read_results(directory):
 
 def append_result(directory, record):
     """Append one JSON line atomically: the whole file is rewritten to a temp file and renamed."""
+    os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "results.jsonl")
     lines = [json.dumps(r) for r in read_results(directory)] + [json.dumps(record)]
     tmp = f"{path}.tmp{os.getpid()}"

@@ -1,0 +1,156 @@
+"""Benchmark: what priming costs next to plain fine-tuning, measured as ratios within one run.
+
+    python bench.py                      # mBERT-shaped encoder, random weights, batch 32 (no hub needed)
+    python bench.py --small --repeats 3  # a tiny config that runs on a CPU in seconds (the tests use it)
+    python bench.py --model DIR --data-dir ../shared/data/wikiann   # another encoder, real sentences
+
+Each measurement is repeated and its median reported; all of them run in this one process on one
+device, so the ratios hold even on a noisy machine while the absolute times do not:
+    ft step      forward + backward + AdamW over the whole model (the unit)
+    forward      the encoder's forward without gradients
+    meta cached  one meta-step of Algorithm 1 ("pe" inner loop, 2 tasks, S = 5), trunk computed once
+    meta full    the same meta-step running the whole model at every inner step (line by line)
+    maml         one meta-step with the MAML inner loop (setting 6)
+Peak memory is measured on CUDA only.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+import meta
+from model import Tagger, named_params, token_loss
+
+MBERT_SHAPE = dict(vocab_size=119547, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                   intermediate_size=3072, max_position_embeddings=512)
+SMALL_SHAPE = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   intermediate_size=128, max_position_embeddings=128)
+
+
+def encoder_of(args):
+    from transformers import AutoConfig, AutoModel, BertConfig
+    config = AutoConfig.from_pretrained(args.model) if args.model else \
+        BertConfig(**(SMALL_SHAPE if args.small else MBERT_SHAPE))
+    encoder = AutoModel.from_config(config)  # random weights: speed does not depend on them
+    encoder.pooler = None
+    return encoder
+
+
+def sentences(args, vocab_size, count, rng):
+    """[input ids] * count: real WikiAnn sentences when --data-dir (and --model) are given, else
+    random ids with lengths drawn from 8..48 sub-words, about WikiAnn's range for mBERT."""
+    if args.data_dir:
+        from transformers import AutoTokenizer
+        from data import encode, load_split
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        examples = encode(load_split("en", "train", args.data_dir, count), tokenizer, 128)
+        return [(e.input_ids, e.labels) for e in examples]
+    out = []
+    for _ in range(count):
+        n = int(torch.randint(8, 49, (), generator=rng))
+        out.append((torch.randint(5, vocab_size, (n,), generator=rng).tolist(),
+                    torch.randint(0, 7, (n,), generator=rng).tolist()))
+    return out
+
+
+def batch_of(pairs, device):
+    width = max(len(ids) for ids, _ in pairs)
+    ids = torch.zeros(len(pairs), width, dtype=torch.long)
+    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(pairs), width, dtype=torch.long)
+    for row, (i, l) in enumerate(pairs):
+        ids[row, :len(i)], labels[row, :len(l)], mask[row, :len(i)] = torch.tensor(i), torch.tensor(l), 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def measure(fn, device, repeats):
+    """(median seconds, peak bytes or None) of fn() after one warm-up call."""
+    fn()
+    times = []
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), torch.cuda.max_memory_allocated() if cuda else None
+
+
+def run(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    model = Tagger(encoder_of(args), ["en", "es"]).to(device).train()
+    rng = torch.Generator().manual_seed(0)
+    pool = sentences(args, model.encoder.config.vocab_size, 4 * args.batch_size, rng)
+    batches = [batch_of(pool[i:i + args.batch_size], device) for i in range(0, len(pool), args.batch_size)]
+    tasks = [("en", batches[0], batches[1]), ("es", batches[2], batches[3])]
+    one_cycle = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    fused = device.type == "cuda"
+
+    everything = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
+
+    def ft_step():
+        everything.zero_grad(set_to_none=True)
+        token_loss(model("en", batches[0]["input_ids"], batches[0]["attention_mask"]), batches[0]["labels"]).backward()
+        everything.step()
+
+    def forward():
+        with torch.no_grad():
+            model.encode(batches[0]["input_ids"], batches[0]["attention_mask"])
+
+    meta_opt = torch.optim.AdamW(named_params(model, "pretrained", "adapter").values(), lr=1e-5, fused=fused)
+    meta_sched = one_cycle(meta_opt)
+    step = lambda variant, cache, lr: lambda: meta.meta_step(model, meta_opt, meta_sched, tasks, 5, lr, variant, cache)
+    cases = {"ft step": ft_step, "forward": forward, "meta cached": step("pe", True, 0.03),
+             "meta full": step("pe", False, 0.03), "maml": step("maml", False, 1e-4)}
+    results = {}
+    for name, fn in cases.items():
+        results[name] = measure(fn, device, args.repeats)
+        everything.zero_grad(set_to_none=True)
+        meta_opt.zero_grad(set_to_none=True)
+    return device, model, results
+
+
+def report(args, device, model, results):
+    n_params = sum(p.numel() for p in model.parameters())
+    lines = [f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+                                    f" ({torch.get_num_threads()} threads)"),
+             f"encoder {'small' if args.small else args.model or 'mBERT-shaped'}, {n_params / 1e6:.1f}M parameters, "
+             f"batch {args.batch_size}, {'real' if args.data_dir else 'random'} sentences, median of {args.repeats}",
+             ""]
+    for name, (seconds, peak) in results.items():
+        lines.append(f"{name:12s} {seconds * 1000:9.1f} ms" + (f"   peak {peak / 2**30:6.2f} GiB" if peak else ""))
+    t = {name: seconds for name, (seconds, _) in results.items()}
+    lines += ["",
+              f"meta cached ÷ (2 × (forward + ft step)) = {t['meta cached'] / (2 * (t['forward'] + t['ft step'])):.2f}"
+              "   (target ≤ 1.3)",
+              f"meta full ÷ meta cached                 = {t['meta full'] / t['meta cached']:.2f}   (target ≥ 2)",
+              f"maml ÷ meta cached                      = {t['maml'] / t['meta cached']:.2f}"]
+    if device.type == "cuda":
+        peak = {name: p for name, (_, p) in results.items()}
+        lines += [f"peak memory, meta cached ÷ ft step      = {peak['meta cached'] / peak['ft step']:.2f}   (target ≤ 1.2)",
+                  f"peak memory, maml ÷ ft step             = {peak['maml'] / peak['ft step']:.2f}"]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="a model directory or hub name whose config to use (random weights)")
+    p.add_argument("--data-dir", help="real en sentences from this WikiAnn directory (needs --model's tokenizer)")
+    p.add_argument("--small", action="store_true", help="a tiny config, for a quick CPU check")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device")
+    args = p.parse_args(argv)
+    text = report(args, *run(args))
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
