@@ -208,6 +208,9 @@ def prime(args):
 
 def finetune(args):
     """One fine-tuning run per --lang and --seed; a run already in OUT/results.jsonl is skipped."""
+    if args.cached_trunk and args.method == "full":
+        from data import KygError
+        raise KygError("--cached-trunk needs a frozen trunk: use it with --method head or adapter")
     for lang in args.lang:
         for seed in args.seed:
             config = {**{k: v for k, v in vars(args).items() if k not in ("command", "device", "out", "no_save")},
@@ -226,7 +229,7 @@ def finetune_one(args, lang, seed, config):
     import model as M
     from torch.nn.utils.rnn import pad_sequence
     from tqdm import tqdm
-    from data import KygError, LABELS, batches, encode, f1, load_split, word_tags
+    from data import LABELS, batches, encode, f1, load_split, word_tags
     device = setup(args, seed)
     with_adapter = args.method == "adapter" or args.init is not None
     model, tokenizer = M.load(args.model, [lang], with_adapter, args.bottleneck)
@@ -252,8 +255,6 @@ def finetune_one(args, lang, seed, config):
     # scored from features computed once, which is exact in eval mode. --cached-trunk trains on
     # them too, which is not: the frozen trunk then runs without dropout.
     frozen_trunk = "pretrained" not in groups
-    if args.cached_trunk and not frozen_trunk:
-        raise KygError("--cached-trunk needs a frozen trunk: use it with --method head or adapter")
 
     def trunk_features(examples):
         """f(x; θp) in eval mode, one [T_i, H] tensor per example."""

@@ -64,9 +64,10 @@ def adapt(model, support, lang, steps, lr, variant="pe", cache_trunk=True):
         loss = task_loss(model, fast, support, lang, hidden)
         grads = torch.autograd.grad(loss, list(fast.values()))
         # Alg. 1, line 11 (and, in "maml", the red line): θ^i ← θ^i − α∇L(f_θ^i, 𝒟tr).
-        # Detached: first-order, so no graph is kept through the inner loop.
-        fast = {name: (p - lr * g).detach().requires_grad_()
-                for (name, p), g in zip(fast.items(), grads)}
+        # In place and outside autograd: first-order, so no graph is kept through the inner loop.
+        with torch.no_grad():
+            for p, g in zip(fast.values(), grads):
+                p -= lr * g
     return fast
 
 
@@ -95,6 +96,7 @@ def meta_step(model, optimizer, scheduler, tasks, inner_steps, inner_lr, variant
         # Alg. 1, line 15 keeps the first task's adapted head; with a head per language, each
         # head keeps the one adapted by that language's first task in this meta-batch.
         first_heads.setdefault(lang, {n: p.detach() for n, p in fast.items() if group_of(n) == "head"})
+        del fast, loss  # before the next task's adapt(): the MAML loop holds one copy of θp at a time
     optimizer.step()  # Alg. 1, line 14: θp, θa ← AdamW step on the summed meta-gradient
     scheduler.step()
     with torch.no_grad():  # Alg. 1, line 15: θh = θh^1

@@ -306,3 +306,33 @@ def test_every_table1_row_runs_from_the_command_line_and_writes_a_result(tiny, t
     kyg.main(["table", out])
     table = open(os.path.join(out, "table.md"), encoding="utf-8").read()
     assert "| 4/Meta Priming → AT |" in table and "| 4 > 3 |" in table and "/ 81.25" in table
+
+
+def test_a_primed_checkpoint_loads_its_pretrained_and_adapter_weights(tiny, tmp_path):
+    kyg.main(["prime", "--method", "meta", "--source", "en", "--steps", "2", "--support-size", "8",
+              "--query-size", "8", "--meta-lr", "1e-2", "--model", tiny["model"], "--data-dir", tiny["data"],
+              "--out", str(tmp_path / "m.pt")])
+    checkpoint = torch.load(tmp_path / "m.pt", weights_only=True)
+    fresh, _ = M.load(tiny["model"], ["hi"])
+    plain = snapshot(fresh)
+    assert M.load_primed(fresh, str(tmp_path / "m.pt"))["method"] == "meta"
+    for name, value in checkpoint["pretrained"].items():
+        assert torch.equal(fresh.encoder.state_dict()[name], value)
+    assert any(not torch.equal(plain["encoder." + n], v) for n, v in checkpoint["pretrained"].items()
+               if "encoder." + n in plain)  # priming moved θp, and the fresh model now has the moved θp
+    for name, value in checkpoint["adapter"].items():
+        assert torch.equal(fresh.adapter.state_dict()[name], value)
+
+
+def test_cached_trunk_needs_a_frozen_trunk(tiny, tmp_path):
+    with pytest.raises(SystemExit, match="kyg: error: --cached-trunk needs a frozen trunk"):
+        kyg.main(["finetune", "--method", "full", "--cached-trunk", "--lang", "hi", "--model", tiny["model"],
+                  "--data-dir", tiny["data"], "--out", str(tmp_path)])
+
+
+def test_benchmark_runs_and_reports_every_ratio():
+    import bench
+    text = bench.main(["--small", "--repeats", "1", "--batch-size", "4", "--device", "cpu"])
+    for line in ("ft step", "meta cached", "maml", "meta cached ÷ (2 × (forward + ft step))",
+                 "meta full ÷ meta cached", "maml ÷ meta cached"):
+        assert line in text
