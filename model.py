@@ -94,21 +94,26 @@ def load(model_name, languages, with_adapter=True, bottleneck=64):
     hf_logging.set_verbosity_error()  # the unused pooler's "newly initialised" warning is noise here
     hf_logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    where = "directory" if os.path.isdir(model_name) else "hub model"
-    fix = "save one beside the weights (tokenizer.save_pretrained) or pass another --model"
+    local = os.path.isdir(model_name)
+    if not local and model_name.startswith(("/", ".", "~")):
+        raise KygError(f"model directory {model_name!r} not found: pass --model an existing directory or a hub name")
+    where = f"model directory {model_name!r}" if local else f"hub model {model_name!r}"
+    why = lambda e: str(e).strip().splitlines()[0][:160]
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name)
     except (OSError, ValueError, TypeError) as e:
-        raise KygError(f"{where} {model_name!r} has no usable tokenizer ({str(e).splitlines()[0][:150]}); {fix}")
+        fix = "save one beside the weights (tokenizer.save_pretrained)" if local else \
+            "without the hub, pass --model DIR, a local model directory"
+        raise KygError(f"cannot load the tokenizer of {where} ({why(e)}); {fix}")
     # transformers builds an empty tokenizer (special tokens only) when the files are missing.
     if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
-        raise KygError(f"{where} {model_name!r} has no usable tokenizer (no vocabulary found); {fix}")
+        raise KygError(f"{where} has no tokenizer (no vocabulary found); save one beside the weights "
+                       f"(tokenizer.save_pretrained) or pass another --model")
     try:
         encoder = AutoModel.from_pretrained(model_name)
     except (OSError, ValueError) as e:
-        raise KygError(f"cannot load the encoder from {where} {model_name!r} "
-                       f"({str(e).splitlines()[0][:150]}); pass --model a hub name or a directory "
-                       f"with config.json and weights")
+        raise KygError(f"cannot load the encoder of {where} ({why(e)}); pass --model a hub name or a "
+                       f"directory with config.json and weights")
     # Token classification never reads the pooler; dropping it keeps θp to what is trained.
     if getattr(encoder, "pooler", None) is not None:
         encoder.pooler = None

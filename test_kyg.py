@@ -144,7 +144,7 @@ def test_model_without_tokenizer_raises_one_clear_error(tiny, tmp_path):
     for name in os.listdir(tmp_path / "m"):
         if name.startswith(("tokenizer", "vocab", "special")):
             os.remove(tmp_path / "m" / name)
-    with pytest.raises(D.KygError, match="no usable tokenizer"):
+    with pytest.raises(D.KygError, match="has no tokenizer"):
         M.load(str(tmp_path / "m"), ["hi"])
 
 
