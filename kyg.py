@@ -212,6 +212,7 @@ def finetune(args):
         from data import KygError
         raise KygError("--cached-trunk needs a frozen trunk: use it with --method head or adapter")
     for lang in args.lang:
+        reused = {}  # the same for every seed of a language: tokenised splits, frozen-trunk features
         for seed in args.seed:
             config = {**{k: v for k, v in vars(args).items() if k not in ("command", "device", "out", "no_save")},
                       "lang": lang, "seed": seed}
@@ -220,11 +221,12 @@ def finetune(args):
                 print(f"kyg: {args.method} on {lang}, seed {seed}, init {args.init or 'none'}: "
                       f"already in {args.out}/results.jsonl, skipped")
             else:
-                finetune_one(args, lang, seed, config)
+                finetune_one(args, lang, seed, config, reused)
 
 
-def finetune_one(args, lang, seed, config):
-    """Fine-tune θ of --method on `lang`, choose the epoch on dev F1, report dev and test F1."""
+def finetune_one(args, lang, seed, config, reused):
+    """Fine-tune θ of --method on `lang`, choose the epoch on dev F1, report dev and test F1.
+    `reused` carries what does not depend on the seed from one seed's run to the next."""
     import torch
     import model as M
     from torch.nn.utils.rnn import pad_sequence
@@ -242,8 +244,10 @@ def finetune_one(args, lang, seed, config):
     print(f"kyg: {args.method} fine-tuning updates {trained:,} of {total:,} parameters "
           f"({100 * trained / total:.3g}%)")
 
-    split = lambda name, cap: encode(load_split(lang, name, args.data_dir, cap), tokenizer, args.max_length)
-    train, dev, test = split("train", args.max_train), split("dev", args.max_eval), split("test", args.max_eval)
+    if "splits" not in reused:
+        split = lambda name, cap: encode(load_split(lang, name, args.data_dir, cap), tokenizer, args.max_length)
+        reused["splits"] = split("train", args.max_train), split("dev", args.max_eval), split("test", args.max_eval)
+    train, dev, test = reused["splits"]
     to_device = to_device_fn(tokenizer, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr or FINETUNE_LR[args.method], fused=device.type == "cuda")
@@ -287,8 +291,10 @@ def finetune_one(args, lang, seed, config):
         return f1(gold, predicted)
 
     started = time.time()
-    dev_features, test_features = (trunk_features(dev), trunk_features(test)) if frozen_trunk else (None, None)
-    train_features = trunk_features(train) if args.cached_trunk else None
+    if frozen_trunk and "features" not in reused:  # θp (plain or primed) is the same for every seed
+        reused["features"] = (trunk_features(train) if args.cached_trunk else None,
+                              trunk_features(dev), trunk_features(test))
+    train_features, dev_features, test_features = reused.get("features", (None, None, None))
     best = (-1.0, 0, None)  # (dev F1, epoch, trained state)
     progress = tqdm(total=steps, desc=f"{priming_label(priming)}→{args.method} {lang}", unit="step")
     for epoch in range(1, args.epochs + 1):

@@ -336,3 +336,13 @@ def test_benchmark_runs_and_reports_every_ratio():
     for line in ("ft step", "meta cached", "maml", "meta cached ÷ (2 × (forward + ft step))",
                  "meta full ÷ meta cached", "maml ÷ meta cached"):
         assert line in text
+
+
+def test_a_seed_gives_the_same_result_alone_or_after_other_seeds(tiny, tmp_path):
+    common = ["finetune", "--method", "adapter", "--cached-trunk", "--lang", "hi", "--epochs", "2",
+              "--model", tiny["model"], "--data-dir", tiny["data"], "--no-save"]
+    kyg.main(common + ["--seed", "1", "2", "--out", str(tmp_path / "both")])
+    kyg.main(common + ["--seed", "2", "--out", str(tmp_path / "alone")])
+    after, alone = kyg.read_results(str(tmp_path / "both"))[1], kyg.read_results(str(tmp_path / "alone"))[0]
+    assert after["seed"] == alone["seed"] == 2
+    assert (after["dev_f1"], after["test_f1"]) == (alone["dev_f1"], alone["test_f1"])
