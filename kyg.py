@@ -136,13 +136,6 @@ def to_device_fn(tokenizer, device):
     return lambda examples: {k: v.to(device, non_blocking=True) for k, v in collate(examples, pad_id).items()}
 
 
-def write_json_atomic(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def read_results(directory):
     path = os.path.join(directory, "results.jsonl")
     if not os.path.isfile(path):
@@ -211,20 +204,22 @@ def finetune(args):
     if args.cached_trunk and args.method == "full":
         from data import KygError
         raise KygError("--cached-trunk needs a frozen trunk: use it with --method head or adapter")
-    for lang in args.lang:
-        reused = {}  # the same for every seed of a language: tokenised splits, frozen-trunk features
-        for seed in args.seed:
-            config = {**{k: v for k, v in vars(args).items() if k not in ("command", "device", "out", "no_save")},
-                      "lang": lang, "seed": seed}
-            key = lambda c: tuple(c.get(k) for k in RUN_KEY)
-            if any(key(r["config"]) == key(config) for r in read_results(args.out)):
-                print(f"kyg: {args.method} on {lang}, seed {seed}, init {args.init or 'none'}: "
-                      f"already in {args.out}/results.jsonl, skipped")
-            else:
-                finetune_one(args, lang, seed, config, reused)
+    runs = [(lang, seed) for lang in args.lang for seed in args.seed]
+    reused = {}  # the same for every seed of a language: tokenised splits, frozen-trunk features
+    for number, (lang, seed) in enumerate(runs, 1):
+        if reused.get("lang") != lang:
+            reused = {"lang": lang}
+        config = {**{k: v for k, v in vars(args).items() if k not in ("command", "device", "out", "no_save")},
+                  "lang": lang, "seed": seed}
+        key = lambda c: tuple(c.get(k) for k in RUN_KEY)
+        if any(key(r["config"]) == key(config) for r in read_results(args.out)):
+            print(f"kyg: run {number} of {len(runs)}: {args.method} on {lang}, seed {seed}, init "
+                  f"{args.init or 'none'}: already in {args.out}/results.jsonl, skipped")
+        else:
+            finetune_one(args, lang, seed, config, reused, f"run {number} of {len(runs)}")
 
 
-def finetune_one(args, lang, seed, config, reused):
+def finetune_one(args, lang, seed, config, reused, run_label):
     """Fine-tune θ of --method on `lang`, choose the epoch on dev F1, report dev and test F1.
     `reused` carries what does not depend on the seed from one seed's run to the next."""
     import torch
@@ -296,7 +291,8 @@ def finetune_one(args, lang, seed, config, reused):
                               trunk_features(dev), trunk_features(test))
     train_features, dev_features, test_features = reused.get("features", (None, None, None))
     best = (-1.0, 0, None)  # (dev F1, epoch, trained state)
-    progress = tqdm(total=steps, desc=f"{priming_label(priming)}→{args.method} {lang}", unit="step")
+    progress = tqdm(total=steps, desc=f"{run_label}: {priming_label(priming)}→{args.method} {lang} s{seed}",
+                    unit="step")
     for epoch in range(1, args.epochs + 1):
         model.train()
         for chunk in batches(train, args.batch_size, rng):
