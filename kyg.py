@@ -183,18 +183,22 @@ def prime(args):
     sampler = TaskSampler(sources, args.support_size, args.query_size, args.seed)
     steps = args.steps or sampler.steps_per_pass()
     started = time.time()
-    losses = run_priming(model, sampler, to_device_fn(tokenizer, device), args.method, steps,
+    losses, support_curve = run_priming(model, sampler, to_device_fn(tokenizer, device), args.method, steps,
                          args.inner_steps, inner_lr, args.meta_lr)
     priming = {"method": args.method, "model": args.model, "data_dir": args.data_dir, "source": args.source,
                "steps": steps, "inner_steps": args.inner_steps, "inner_lr": inner_lr, "meta_lr": args.meta_lr,
                "support_size": args.support_size, "query_size": args.query_size, "bottleneck": args.bottleneck,
                "max_train": args.max_train, "max_length": args.max_length, "seed": args.seed,
                "seconds": round(time.time() - started, 1),
-               "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)]}
+               "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
+               "support_loss_by_inner_step": None if support_curve is None else
+               [round(x, 4) for x in support_curve.tolist()]}
     M.save_atomic({"kind": "primed", "priming": priming, "pretrained": model.encoder.state_dict(),
                    "adapter": model.adapter.state_dict()}, args.out)
+    inner = "" if support_curve is None else \
+        f", support loss over the inner steps {' > '.join(f'{x:.3f}' for x in support_curve.tolist())}"
     print(f"kyg: primed ({args.method}, {steps} steps, {priming['seconds']} s, query loss "
-          f"{losses[0]:.3f} -> {losses[-1]:.3f}) -> {args.out}")
+          f"{losses[0]:.3f} -> {losses[-1]:.3f}{inner}) -> {args.out}")
 
 
 # ----------------------------------------------------------------------------- finetune

@@ -45,7 +45,8 @@ def adapt(model, support, lang, steps, lr, variant="pe", cache_trunk=True):
     """Alg. 1, lines 9-12 for one task: S steps of plain SGD on the support batch.
 
     Returns θ^i as {name: tensor} for the parameters the inner loop updated (θa, the task's θh,
-    and in "maml" θp); every other parameter of θ^i is the model's own, untouched.
+    and in "maml" θp; every other parameter of θ^i is the model's own, untouched), and the
+    support loss before each of the S steps, [S] (it falls when the inner loop learns).
 
     With `cache_trunk` ("pe" only), f(x; θp) is computed once instead of at every step. This is
     exact: the "pe" inner loop never changes θp, so the encoder's output on the support batch is
@@ -56,37 +57,40 @@ def adapt(model, support, lang, steps, lr, variant="pe", cache_trunk=True):
     inner_names = named_params(model, *INNER_GROUPS[variant], lang=lang)
     # Alg. 1, line 9: θ^i = θ. Only what the inner loop changes needs a copy of its own.
     fast = {name: p.detach().clone().requires_grad_() for name, p in inner_names.items()}
-    hidden = None
+    hidden, support_losses = None, []
     if cache_trunk and variant == "pe":
         with torch.no_grad():
             hidden = model.encode(support["input_ids"], support["attention_mask"])
     for _ in range(steps):  # Alg. 1, line 10
         loss = task_loss(model, fast, support, lang, hidden)
         grads = torch.autograd.grad(loss, list(fast.values()))
+        support_losses.append(loss.detach())
         # Alg. 1, line 11 (and, in "maml", the red line): θ^i ← θ^i − α∇L(f_θ^i, 𝒟tr).
         # In place and outside autograd: first-order, so no graph is kept through the inner loop.
         with torch.no_grad():
             for p, g in zip(fast.values(), grads):
                 p -= lr * g
-    return fast
+    return fast, torch.stack(support_losses)
 
 
 def meta_step(model, optimizer, scheduler, tasks, inner_steps, inner_lr, variant="pe", cache_trunk=True):
     """One pass of the while loop, Alg. 1 lines 8-15, over an already sampled batch of tasks
     (line 7): [(lang, support batch, query batch)]. The optimizer holds θp and θa (AdamW, β).
-    Returns the summed query loss, a float."""
+    Returns the query loss summed over the tasks, and the support loss before each inner step
+    averaged over them, [S]."""
     optimizer.zero_grad(set_to_none=True)
     meta_params = named_params(model, "pretrained", "adapter")
     first_heads = {}
-    total = 0.0
+    query_total, support_curve = 0.0, 0.0
     for lang, support, query in tasks:  # Alg. 1, line 8
-        fast = adapt(model, support, lang, inner_steps, inner_lr, variant, cache_trunk)  # lines 9-12
+        fast, support_losses = adapt(model, support, lang, inner_steps, inner_lr, variant, cache_trunk)  # 9-12
         # Alg. 1, line 14, first-order: ∇ of L(f_θ^i, 𝒟ts) at θ^i stands for the gradient at θ.
         # backward() accumulates the sum over tasks: into .grad of θp directly where θ^i shares
         # the model's tensor ("pe"), and into the θ^i copies otherwise, collected just below.
         loss = task_loss(model, fast, query, lang)
         loss.backward()
-        total += loss.item()
+        query_total += loss.detach()
+        support_curve += support_losses / len(tasks)
         with torch.no_grad():
             for name, p in fast.items():
                 if group_of(name) == "head":
@@ -103,7 +107,7 @@ def meta_step(model, optimizer, scheduler, tasks, inner_steps, inner_lr, variant
         for head in first_heads.values():
             for name, value in head.items():
                 model.get_parameter(name).copy_(value)
-    return total
+    return query_total.item(), support_curve.cpu()
 
 
 def fine_tune_step(model, optimizer, scheduler, tasks):
@@ -126,14 +130,16 @@ def prime(model, sampler, to_device, method, steps, inner_steps, inner_lr, meta_
     fine-tuning updates, with AdamW at `meta_lr` (β) decaying linearly to 0. Returns the losses.
 
     method: "meta" (Algorithm 1), "maml" (Algorithm 1 with the red line), "ft" (setting 5).
-    `to_device` turns a list of Examples into a batch of tensors on the model's device."""
+    `to_device` turns a list of Examples into a batch of tensors on the model's device.
+    Returns the query loss of every step (for "ft", the training loss), and the support loss
+    before each inner step averaged over all meta-steps, [S] (None for "ft")."""
     from tqdm import tqdm
     trained = ("pretrained", "adapter", "head") if method == "ft" else ("pretrained", "adapter")
     params = list(named_params(model, *trained).values())
     optimizer = torch.optim.AdamW(params, lr=meta_lr, fused=params[0].is_cuda)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
     model.train()
-    losses = []
+    losses, support_curve = [], None
     progress = tqdm(range(steps), desc=f"prime {method}", unit="step")
     for _ in progress:
         tasks = [(lang, to_device(support), to_device(query))
@@ -141,8 +147,9 @@ def prime(model, sampler, to_device, method, steps, inner_steps, inner_lr, meta_
         if method == "ft":
             loss = fine_tune_step(model, optimizer, scheduler, tasks)
         else:
-            loss = meta_step(model, optimizer, scheduler, tasks, inner_steps, inner_lr,
-                             variant="maml" if method == "maml" else "pe")
+            loss, curve = meta_step(model, optimizer, scheduler, tasks, inner_steps, inner_lr,
+                                    variant="maml" if method == "maml" else "pe")
+            support_curve = curve / steps + (0 if support_curve is None else support_curve)
         losses.append(loss)
         progress.set_postfix(loss=f"{loss:.3f}")
-    return losses
+    return losses, support_curve

@@ -174,19 +174,20 @@ def test_parameter_groups_partition_the_model(tagger):
 def test_pe_inner_loop_leaves_pretrained_untouched_and_adapts_adapter_and_head(tagger, tiny):
     model, tokenizer = tagger
     before = snapshot(model)
-    fast = meta.adapt(model, batch_of(tiny, tokenizer, "en", 0, 8), "en", steps=5, lr=0.03)
+    fast, support_losses = meta.adapt(model, batch_of(tiny, tokenizer, "en", 0, 8), "en", steps=5, lr=0.03)
     assert {M.group_of(n) for n in fast} == {"adapter", "head"}
     assert all(n.startswith(("adapter.", "heads.en.")) for n in fast)
     for name, p in model.named_parameters():  # the model's own tensors, θp above all, bit-identical
         assert torch.equal(p, before[name]), name
     for name, p in fast.items():  # θa^i and θh^i moved
         assert not torch.equal(p, before[name]), name
+    assert support_losses.shape == (5,) and support_losses[-1] < support_losses[0]
 
 
 def test_maml_inner_loop_changes_pretrained_only_in_the_clone(tagger, tiny):
     model, tokenizer = tagger
     before = snapshot(model)
-    fast = meta.adapt(model, batch_of(tiny, tokenizer, "en", 0, 8), "en", steps=2, lr=1e-2, variant="maml")
+    fast, _ = meta.adapt(model, batch_of(tiny, tokenizer, "en", 0, 8), "en", steps=2, lr=1e-2, variant="maml")
     assert {M.group_of(n) for n in fast} == {"pretrained", "adapter", "head"}
     moved = [n for n, p in fast.items() if M.group_of(n) == "pretrained" and not torch.equal(p, before[n])]
     assert len(moved) > 10  # θp^i is updated by the red line ...
@@ -197,11 +198,12 @@ def test_maml_inner_loop_changes_pretrained_only_in_the_clone(tagger, tiny):
 def test_cached_trunk_inner_loop_equals_the_line_by_line_loop(tagger, tiny):
     model, tokenizer = tagger
     support = batch_of(tiny, tokenizer, "en", 0, 8)
-    cached = meta.adapt(model, support, "en", steps=5, lr=0.03, cache_trunk=True)
-    line_by_line = meta.adapt(model, support, "en", steps=5, lr=0.03, cache_trunk=False)
+    cached, cached_losses = meta.adapt(model, support, "en", steps=5, lr=0.03, cache_trunk=True)
+    line_by_line, line_losses = meta.adapt(model, support, "en", steps=5, lr=0.03, cache_trunk=False)
     assert cached.keys() == line_by_line.keys()
     for name in cached:
         torch.testing.assert_close(cached[name], line_by_line[name], rtol=0, atol=1e-6)
+    torch.testing.assert_close(cached_losses, line_losses, rtol=0, atol=1e-6)
 
 
 def constant_lr(optimizer):
@@ -243,9 +245,9 @@ def test_meta_step_sets_each_head_to_its_first_task_adapted_head_and_moves_theta
     tasks = [("en", batch_of(tiny, tokenizer, "en", 0, 8), batch_of(tiny, tokenizer, "en", 8, 8)),
              ("en", batch_of(tiny, tokenizer, "en", 16, 8), batch_of(tiny, tokenizer, "en", 24, 8)),
              ("es", batch_of(tiny, tokenizer, "es", 0, 8), batch_of(tiny, tokenizer, "es", 8, 8))]
-    first_en = meta.adapt(model, tasks[0][1], "en", 5, 0.03)
-    second_en = meta.adapt(model, tasks[1][1], "en", 5, 0.03)
-    first_es = meta.adapt(model, tasks[2][1], "es", 5, 0.03)
+    first_en, _ = meta.adapt(model, tasks[0][1], "en", 5, 0.03)
+    second_en, _ = meta.adapt(model, tasks[1][1], "en", 5, 0.03)
+    first_es, _ = meta.adapt(model, tasks[2][1], "es", 5, 0.03)
     before = snapshot(model)
     adamw = torch.optim.AdamW(M.named_params(model, "pretrained", "adapter").values(), lr=1e-3)
     meta.meta_step(model, adamw, constant_lr(adamw), tasks, inner_steps=5, inner_lr=0.03)
@@ -275,8 +277,10 @@ def test_meta_priming_lowers_the_query_loss(tagger, tiny):
     examples = {"en": D.encode(D.load_split("en", "train", tiny["data"]), tokenizer, 64)}
     sampler = D.TaskSampler(examples, 8, 8, seed=0)
     to_device = lambda ex: D.collate(ex, tokenizer.pad_token_id)
-    losses = meta.prime(model, sampler, to_device, "meta", steps=30, inner_steps=5, inner_lr=0.03, meta_lr=3e-3)
+    losses, support_curve = meta.prime(model, sampler, to_device, "meta", steps=30, inner_steps=5,
+                                       inner_lr=0.03, meta_lr=3e-3)
     assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
+    assert support_curve.shape == (5,) and support_curve[-1] < support_curve[0]  # the inner loop learns
 
 
 # ----------------------------------------------------------------------------- command line
