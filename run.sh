@@ -18,8 +18,8 @@
 #   KYG_MAX_EVAL     dev and test sentences scored        [all]
 #   KYG_PRIME_STEPS  meta-steps of each priming           [one pass over the smaller source set]
 #   KYG_EPOCHS       fine-tuning epochs                   [5]
-#   KYG_CACHED_TRUNK 1: head and adapter tuning train on the frozen encoder's features (kyg.py
-#                    finetune --cached-trunk)             [0]
+#   KYG_LIVE_TRUNK   1: head and adapter tuning run the frozen encoder at every step (kyg.py
+#                    finetune --live-trunk) instead of training on its features computed once   [0]
 #
 # Time: the full run with mBERT on one GPU has not been measured yet (no GPU was lent to the
 # session that wrote this); see README.md, "Performance", for what has been measured.
@@ -57,7 +57,7 @@ COMMON=(--model "$MODEL")
 [[ -n "${KYG_MAX_EVAL:-}" ]] && FINETUNE+=(--max-eval "$KYG_MAX_EVAL")
 [[ -n "${KYG_PRIME_STEPS:-}" ]] && PRIME+=(--steps "$KYG_PRIME_STEPS")
 PE_TUNING=()
-[[ "${KYG_CACHED_TRUNK:-0}" == 1 ]] && PE_TUNING+=(--cached-trunk)
+[[ "${KYG_LIVE_TRUNK:-0}" == 1 ]] && PE_TUNING+=(--live-trunk)
 mkdir -p "$OUT/primed"
 
 # The stages, cheapest comparisons first, so that on slow hardware the parameter-efficient rows

@@ -328,9 +328,9 @@ def test_a_primed_checkpoint_loads_its_pretrained_and_adapter_weights(tiny, tmp_
         assert torch.equal(fresh.adapter.state_dict()[name], value)
 
 
-def test_cached_trunk_needs_a_frozen_trunk(tiny, tmp_path):
-    with pytest.raises(SystemExit, match="kyg: error: --cached-trunk needs a frozen trunk"):
-        kyg.main(["finetune", "--method", "full", "--cached-trunk", "--lang", "hi", "--model", tiny["model"],
+def test_live_trunk_is_only_for_a_frozen_trunk(tiny, tmp_path):
+    with pytest.raises(SystemExit, match="kyg: error: --live-trunk is for head and adapter tuning"):
+        kyg.main(["finetune", "--method", "full", "--live-trunk", "--lang", "hi", "--model", tiny["model"],
                   "--data-dir", tiny["data"], "--out", str(tmp_path)])
 
 
@@ -343,10 +343,29 @@ def test_benchmark_runs_and_reports_every_ratio():
 
 
 def test_a_seed_gives_the_same_result_alone_or_after_other_seeds(tiny, tmp_path):
-    common = ["finetune", "--method", "adapter", "--cached-trunk", "--lang", "hi", "--epochs", "2",
+    common = ["finetune", "--method", "adapter", "--lang", "hi", "--epochs", "2",
               "--model", tiny["model"], "--data-dir", tiny["data"], "--no-save"]
     kyg.main(common + ["--seed", "1", "2", "--out", str(tmp_path / "both")])
     kyg.main(common + ["--seed", "2", "--out", str(tmp_path / "alone")])
     after, alone = kyg.read_results(str(tmp_path / "both"))[1], kyg.read_results(str(tmp_path / "alone"))[0]
     assert after["seed"] == alone["seed"] == 2
     assert (after["dev_f1"], after["test_f1"]) == (alone["dev_f1"], alone["test_f1"])
+
+
+def test_training_on_stored_trunk_features_is_exact_without_dropout(tiny, tmp_path):
+    shutil.copytree(tiny["model"], tmp_path / "m")
+    config = json.load(open(tmp_path / "m" / "config.json"))
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    json.dump(config, open(tmp_path / "m" / "config.json", "w"))
+    common = ["finetune", "--method", "adapter", "--lang", "hi", "--epochs", "2", "--model", str(tmp_path / "m"),
+              "--data-dir", tiny["data"], "--out", str(tmp_path / "r")]
+    weights = lambda: torch.load(tmp_path / "r" / "weights" / "none-adapter-hi-s1.pt", weights_only=True)["state"]
+    kyg.main(common)
+    from_stored = weights()
+    kyg.main(common + ["--live-trunk"])
+    from_live = weights()
+    stored, live = kyg.read_results(str(tmp_path / "r"))
+    assert stored["config"]["cached_trunk"] and not live["config"]["cached_trunk"]
+    assert (stored["dev_f1"], stored["test_f1"]) == (live["dev_f1"], live["test_f1"])
+    for name in from_stored:
+        torch.testing.assert_close(from_stored[name], from_live[name], rtol=1e-4, atol=1e-6)
