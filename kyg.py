@@ -423,7 +423,7 @@ def plot(directory, scores, langs, matrix):
     ax.imshow(grid, cmap="Greens")
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center")
+            ax.text(j, i, f"{value:.2f}" if value == value else "not run", ha="center", va="center")
     ax.set_xticks(range(2), ["adapter FT", "full FT"])
     ax.set_yticks(range(3), ["PE priming", "MAML priming", "no priming"])
     ax.set_title("average test F1")
