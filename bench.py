@@ -20,6 +20,7 @@ import time
 import torch
 
 import meta
+from data import collate
 from model import Tagger, named_params, token_loss
 
 MBERT_SHAPE = dict(vocab_size=119547, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -38,30 +39,18 @@ def encoder_of(args):
 
 
 def sentences(args, vocab_size, count, rng):
-    """[input ids] * count: real WikiAnn sentences when --data-dir (and --model) are given, else
-    random ids with lengths drawn from 8..48 sub-words, about WikiAnn's range for mBERT."""
+    """[Example] * count: real WikiAnn sentences when --data-dir (and --model) are given, else
+    random ids and labels, lengths drawn uniformly from 8 to 48 sub-words."""
+    from data import Example, encode, load_split
     if args.data_dir:
         from transformers import AutoTokenizer
-        from data import encode, load_split
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        examples = encode(load_split("en", "train", args.data_dir, count), tokenizer, 128)
-        return [(e.input_ids, e.labels) for e in examples]
+        return encode(load_split("en", "train", args.data_dir, count), AutoTokenizer.from_pretrained(args.model), 128)
     out = []
     for _ in range(count):
         n = int(torch.randint(8, 49, (), generator=rng))
-        out.append((torch.randint(5, vocab_size, (n,), generator=rng).tolist(),
-                    torch.randint(0, 7, (n,), generator=rng).tolist()))
+        out.append(Example(torch.randint(5, vocab_size, (n,), generator=rng).tolist(),
+                           torch.randint(0, 7, (n,), generator=rng).tolist(), [], []))
     return out
-
-
-def batch_of(pairs, device):
-    width = max(len(ids) for ids, _ in pairs)
-    ids = torch.zeros(len(pairs), width, dtype=torch.long)
-    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
-    mask = torch.zeros(len(pairs), width, dtype=torch.long)
-    for row, (i, l) in enumerate(pairs):
-        ids[row, :len(i)], labels[row, :len(l)], mask[row, :len(i)] = torch.tensor(i), torch.tensor(l), 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
 def measure(fn, device, repeats):
@@ -87,7 +76,8 @@ def run(args):
     model = Tagger(encoder_of(args), ["en", "es"]).to(device).train()
     rng = torch.Generator().manual_seed(0)
     pool = sentences(args, model.encoder.config.vocab_size, 4 * args.batch_size, rng)
-    batches = [batch_of(pool[i:i + args.batch_size], device) for i in range(0, len(pool), args.batch_size)]
+    batches = [{k: v.to(device) for k, v in collate(pool[i:i + args.batch_size], pad_id=0).items()}
+               for i in range(0, len(pool), args.batch_size)]
     tasks = [("en", batches[0], batches[1]), ("es", batches[2], batches[3])]
     one_cycle = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     fused = device.type == "cuda"

@@ -211,20 +211,20 @@ def finetune(args):
         raise KygError("--live-trunk is for head and adapter tuning: full fine-tuning always runs the encoder")
     # Recorded as `cached_trunk`: whether training ran on stored features of the frozen trunk.
     args.cached_trunk = args.method != "full" and not args.live_trunk
-    runs = [(lang, seed) for lang in args.lang for seed in args.seed]
-    reused = {}  # the same for every seed of a language: tokenised splits, frozen-trunk features
-    for number, (lang, seed) in enumerate(runs, 1):
-        if reused.get("lang") != lang:
-            reused = {"lang": lang}
-        config = {**{k: v for k, v in vars(args).items()
-                     if k not in ("command", "device", "out", "no_save", "live_trunk")},
-                  "lang": lang, "seed": seed}
-        key = lambda c: tuple(c.get(k) for k in RUN_KEY)
-        if any(key(r["config"]) == key(config) for r in read_results(args.out)):
-            print(f"kyg: run {number} of {len(runs)}: {args.method} on {lang}, seed {seed}, init "
-                  f"{args.init or 'none'}: already in {args.out}/results.jsonl, skipped")
-        else:
-            finetune_one(args, lang, seed, config, reused, f"run {number} of {len(runs)}")
+    key = lambda c: tuple(c.get(k) for k in RUN_KEY)
+    total, number = len(args.lang) * len(args.seed), 0
+    for lang in args.lang:
+        reused = {}  # the same for every seed of a language: tokenised splits, frozen-trunk features
+        for seed in args.seed:
+            number += 1
+            config = {**{k: v for k, v in vars(args).items()
+                         if k not in ("command", "device", "out", "no_save", "live_trunk")},
+                      "lang": lang, "seed": seed}
+            if any(key(r["config"]) == key(config) for r in read_results(args.out)):
+                print(f"kyg: run {number} of {total}: {args.method} on {lang}, seed {seed}, init "
+                      f"{args.init or 'none'}: already in {args.out}/results.jsonl, skipped")
+            else:
+                finetune_one(args, lang, seed, config, reused, f"run {number} of {total}")
 
 
 def finetune_one(args, lang, seed, config, reused, run_label):

@@ -139,7 +139,7 @@ def prime(model, sampler, to_device, method, steps, inner_steps, inner_lr, meta_
     optimizer = torch.optim.AdamW(params, lr=meta_lr, fused=params[0].is_cuda)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
     model.train()
-    losses, support_curve = [], None
+    losses, support_curves = [], []
     progress = tqdm(range(steps), desc=f"prime {method}", unit="step")
     for _ in progress:
         tasks = [(lang, to_device(support), to_device(query))
@@ -149,7 +149,7 @@ def prime(model, sampler, to_device, method, steps, inner_steps, inner_lr, meta_
         else:
             loss, curve = meta_step(model, optimizer, scheduler, tasks, inner_steps, inner_lr,
                                     variant="maml" if method == "maml" else "pe")
-            support_curve = curve / steps + (0 if support_curve is None else support_curve)
+            support_curves.append(curve)
         losses.append(loss)
         progress.set_postfix(loss=f"{loss:.3f}")
-    return losses, support_curve
+    return losses, torch.stack(support_curves).mean(0) if support_curves else None

@@ -81,9 +81,8 @@ STAGES=(
 started=$SECONDS
 for i in "${!STAGES[@]}"; do
     read -r name kind priming method <<< "${STAGES[$i]}"
-    done_stages=$i
     elapsed=$((SECONDS - started))
-    eta=$([[ $done_stages -gt 0 ]] && echo "$((elapsed * (${#STAGES[@]} - done_stages) / done_stages / 60)) min" || echo "?")
+    eta=$([[ $i -gt 0 ]] && echo "$((elapsed * (${#STAGES[@]} - i) / i / 60)) min" || echo "?")
     echo "== run.sh: stage $((i + 1)) of ${#STAGES[@]}: $name ($((elapsed / 60)) min so far, ETA $eta)"
     if [[ $kind == prime ]]; then
         steps_flag=()
