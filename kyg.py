@@ -13,6 +13,7 @@ the hub), --seed, --device. Table 1's rows are:
 run.sh runs them all; the README says why each default below is what it is.
 """
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -146,14 +147,18 @@ def read_results(directory):
 
 
 def append_result(directory, record):
-    """Append one JSON line atomically: the whole file is rewritten to a temp file and renamed."""
+    """Append one JSON line atomically: the whole file is rewritten to a temp file and renamed.
+    The rewrite holds a lock, so that finetune processes running side by side into one folder
+    (say, one per language) cannot overwrite each other's lines."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "results.jsonl")
-    lines = [json.dumps(r) for r in read_results(directory)] + [json.dumps(record)]
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        lines = [json.dumps(r) for r in read_results(directory)] + [json.dumps(record)]
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(tmp, path)
 
 
 def priming_label(priming):

@@ -312,6 +312,15 @@ def test_every_table1_row_runs_from_the_command_line_and_writes_a_result(tiny, t
     assert "| 4/Meta Priming → AT |" in table and "| 4 > 3 |" in table and "/ 81.25" in table
 
 
+def test_side_by_side_runs_keep_every_result(tmp_path):
+    """finetune processes writing into one results folder at once lose none of each other's lines."""
+    write = "import kyg, sys\nfor i in range(40): kyg.append_result(sys.argv[1], {'worker': sys.argv[2], 'i': i})"
+    workers = [subprocess.Popen([sys.executable, "-c", write, str(tmp_path), str(w)], cwd=HERE) for w in range(4)]
+    assert [w.wait() for w in workers] == [0] * 4
+    assert sorted((r["worker"], r["i"]) for r in kyg.read_results(str(tmp_path))) == \
+        sorted((str(w), i) for w in range(4) for i in range(40))
+
+
 def test_a_primed_checkpoint_loads_its_pretrained_and_adapter_weights(tiny, tmp_path):
     kyg.main(["prime", "--method", "meta", "--source", "en", "--steps", "2", "--support-size", "8",
               "--query-size", "8", "--meta-lr", "1e-2", "--model", tiny["model"], "--data-dir", tiny["data"],
