@@ -368,11 +368,13 @@ def table(args):
             if s and lang in paper:
                 ours.append(s[0]), theirs.append(paper[lang])
         average = f"{statistics.mean(ours):.2f} / {statistics.mean(theirs):.2f}" if ours else "–"
+        if ours and len(ours) < len([l for l in langs if l in paper]):  # an average of fewer languages
+            average += f" ({len(ours)} of {len([l for l in langs if l in paper])} languages)"
         out.append(f"| {row}/{ROW_NAMES[row]} | " + " | ".join(cells) + f" | {average} |")
 
     out += ["\n## The paper's orderings, per language\n",
             "held: ours agree and the gap exceeds the larger seed std; tie: the gap is within it; "
-            "not held: ours disagree by more than it.\n",
+            "not held: ours disagree by more than it; one seed: a side has a single run, so no spread to judge by.\n",
             "| claim | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs)]
     for better, worse in ORDERINGS:
         cells = []
@@ -382,7 +384,9 @@ def table(args):
                 cells.append("–")
                 continue
             gap, spread = a[0] - b[0], max(a[1], b[1])
-            cells.append(f"{'held' if gap > spread else 'tie' if abs(gap) <= spread else 'not held'} ({gap:+.2f})")
+            verdict = "one seed" if min(a[2], b[2]) < 2 else \
+                "held" if gap > spread else "tie" if abs(gap) <= spread else "not held"
+            cells.append(f"{verdict} ({gap:+.2f})")
         out.append(f"| {better} > {worse} | " + " | ".join(cells) + " |")
 
     out += ["\n## Figure 4: average test F1 over the languages, priming × fine-tuning\n",

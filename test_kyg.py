@@ -312,6 +312,25 @@ def test_every_table1_row_runs_from_the_command_line_and_writes_a_result(tiny, t
     assert "| 4/Meta Priming → AT |" in table and "| 4 > 3 |" in table and "/ 81.25" in table
 
 
+def test_table_judges_an_ordering_only_against_a_spread(tmp_path):
+    """A claim is 'held' only when the gap exceeds the seed spread: with one seed there is no spread,
+    and an average over fewer languages than the table shows says so."""
+    runs = [("none", "adapter", "hi", [40.0, 42.0]), ("meta", "adapter", "hi", [50.0, 52.0]),
+            ("ft", "adapter", "hi", [49.0, 53.0]), ("none", "adapter", "af", [40.0]),
+            ("meta", "adapter", "af", [55.0]), ("none", "full", "hi", [70.0, 71.0])]
+    for priming, method, lang, scores in runs:
+        for seed, score in enumerate(scores, 1):
+            kyg.append_result(str(tmp_path), {"priming": priming, "method": method, "lang": lang,
+                                              "seed": seed, "test_f1": score})
+    kyg.main(["table", str(tmp_path)])
+    rows = {line.split(" | ")[0]: line.rstrip(" |\n").split(" | ")[1:]
+            for line in open(tmp_path / "table.md", encoding="utf-8") if line.startswith("| ")}
+    assert rows["| 4 > 3"][:2] == ["held (+10.00)", "one seed (+15.00)"]
+    assert rows["| 4 > 5"][0] == "tie (+0.00)"
+    assert rows["| 1/Full FT"][-1].startswith("70.50 / 86.73 (1 of 2 languages)")
+    assert "languages)" not in rows["| 4/Meta Priming → AT"][-1]
+
+
 def test_side_by_side_runs_keep_every_result(tmp_path):
     """finetune processes writing into one results folder at once lose none of each other's lines."""
     write = "import kyg, sys\nfor i in range(40): kyg.append_result(sys.argv[1], {'worker': sys.argv[2], 'i': i})"
