@@ -368,8 +368,9 @@ def table(args):
             if s and lang in paper:
                 ours.append(s[0]), theirs.append(paper[lang])
         average = f"{statistics.mean(ours):.2f} / {statistics.mean(theirs):.2f}" if ours else "–"
-        if ours and len(ours) < len([l for l in langs if l in paper]):  # an average of fewer languages
-            average += f" ({len(ours)} of {len([l for l in langs if l in paper])} languages)"
+        comparable = sum(lang in paper for lang in langs)
+        if ours and len(ours) < comparable:  # an average over fewer languages than the other rows'
+            average += f" ({len(ours)} of {comparable} languages)"
         out.append(f"| {row}/{ROW_NAMES[row]} | " + " | ".join(cells) + f" | {average} |")
 
     out += ["\n## The paper's orderings, per language\n",
