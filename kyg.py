@@ -48,12 +48,18 @@ PAPER_TABLE1 = {
 }
 ROW_NAMES = {1: "Full FT", 2: "HT", 3: "AT", 4: "Meta Priming → AT", 5: "FT Priming → AT",
              6: "MP [MAML Loop] → AT", 7: "MP [1 Inner Step] → AT"}
-# The paper's claims, checked per language: (better row, worse row).
-ORDERINGS = [(4, 5), (4, 6), (4, 7), (4, 3), (3, 2)] + [(1, row) for row in range(2, 8)]
+# The paper's claims, checked per language: (claim, better (priming, fine-tuning), worse). Table 1's
+# orderings by row number, then Figure 3's (§5.3): before full fine-tuning, a MAML inner loop beats
+# the PE one (in all but lt and et, the paper says), and either priming beats none.
+ORDERINGS = [(f"{better} > {worse}", PAPER_TABLE1[better][:2], PAPER_TABLE1[worse][:2]) for better, worse in
+             [(4, 5), (4, 6), (4, 7), (4, 3), (3, 2)] + [(1, row) for row in range(2, 8)]] + \
+            [(f"{better}→full > {worse}→full", (better, "full"), (worse, "full"))
+             for better, worse in [("maml", "meta"), ("meta", "none"), ("maml", "none")]]
 # What makes two fine-tuning runs the same run (a rerun skips it); the device does not.
 RUN_KEY = ("model", "data_dir", "init", "method", "lang", "seed", "max_train", "max_eval", "max_length",
            "epochs", "lr", "batch_size", "bottleneck", "cached_trunk")
 FIGURE4_PRIMING, FIGURE4_FINETUNING = ("meta", "maml", "none"), ("adapter", "full")
+PRIMING_NAMES = {"meta": "PE inner loop (Alg. 1)", "maml": "MAML inner loop", "none": "no priming"}
 
 
 def main(argv=None):
@@ -112,7 +118,7 @@ def parser():
     q.add_argument("--out", required=True, help="results directory")
     q.set_defaults(command=finetune)
 
-    q = sub.add_parser("table", help="ours beside the paper's Table 1 and Figure 4, from DIR/results.jsonl")
+    q = sub.add_parser("table", help="ours beside the paper's Table 1, Figures 3 and 4, from DIR/results.jsonl")
     q.add_argument("dir")
     q.set_defaults(command=table)
 
@@ -343,7 +349,7 @@ def finetune_one(args, lang, seed, config, reused, run_label):
 # ----------------------------------------------------------------------------- table
 
 def table(args):
-    """Ours (mean ± std over seeds) beside the paper's Table 1, the orderings it claims, Figure 4."""
+    """Ours (mean ± std over seeds) beside the paper's Table 1, Figure 3, the orderings it claims, Figure 4."""
     results = read_results(args.dir)
     if not results:
         from data import KygError
@@ -360,11 +366,12 @@ def table(args):
            f"Test F1 (entity-level, micro), mean ± std over seeds (n); the paper's number after the slash.",
            f"From `{os.path.join(args.dir, 'results.jsonl')}`, {len(results)} runs.\n",
            "| row | " + " | ".join(langs) + " | average |", "|---|" + "---|" * (len(langs) + 1)]
+    cell = lambda s: f"{s[0]:.2f} ± {s[1]:.2f} ({s[2]})" if s else "–"
     for row, (priming, method, paper) in PAPER_TABLE1.items():
         cells, ours, theirs = [], [], []
         for lang in langs:
             s = stat((priming, method, lang))
-            cells.append(f"{s[0]:.2f} ± {s[1]:.2f} ({s[2]}) / {paper.get(lang, '–')}" if s else f"– / {paper.get(lang, '–')}")
+            cells.append(f"{cell(s)} / {paper.get(lang, '–')}")
             if s and lang in paper:
                 ours.append(s[0]), theirs.append(paper[lang])
         average = f"{statistics.mean(ours):.2f} / {statistics.mean(theirs):.2f}" if ours else "–"
@@ -373,14 +380,21 @@ def table(args):
             average += f" ({len(ours)} of {comparable} languages)"
         out.append(f"| {row}/{ROW_NAMES[row]} | " + " | ".join(cells) + f" | {average} |")
 
+    out += ["\n## Figure 3: full fine-tuning after each priming\n",
+            "Test F1, mean ± std over seeds (n). The paper gives these as bars only, without numbers.\n",
+            "| priming → full FT | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs)]
+    for priming in FIGURE4_PRIMING:
+        out.append(f"| {priming}: {PRIMING_NAMES[priming]} | " +
+                   " | ".join(cell(stat((priming, "full", l))) for l in langs) + " |")
+
     out += ["\n## The paper's orderings, per language\n",
             "held: ours agree and the gap exceeds the larger seed std; tie: the gap is within it; "
             "not held: ours disagree by more than it; one seed: a side has a single run, so no spread to judge by.\n",
             "| claim | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs)]
-    for better, worse in ORDERINGS:
+    for claim, better, worse in ORDERINGS:
         cells = []
         for lang in langs:
-            a, b = stat(PAPER_TABLE1[better][:2] + (lang,)), stat(PAPER_TABLE1[worse][:2] + (lang,))
+            a, b = stat(better + (lang,)), stat(worse + (lang,))
             if not (a and b):
                 cells.append("–")
                 continue
@@ -388,7 +402,7 @@ def table(args):
             verdict = "one seed" if min(a[2], b[2]) < 2 else \
                 "held" if gap > spread else "tie" if abs(gap) <= spread else "not held"
             cells.append(f"{verdict} ({gap:+.2f})")
-        out.append(f"| {better} > {worse} | " + " | ".join(cells) + " |")
+        out.append(f"| {claim} | " + " | ".join(cells) + " |")
 
     out += ["\n## Figure 4: average test F1 over the languages, priming × fine-tuning\n",
             "| priming ↓ fine-tuning → | " + " | ".join(FIGURE4_FINETUNING) + " |", "|---|---|---|"]
@@ -420,8 +434,7 @@ def plot(directory, scores, langs, matrix):
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(langs), 3.2))
     for i, priming in enumerate(FIGURE4_PRIMING):
         ax.bar([x + 0.27 * (i - 1) for x in range(len(langs))], [mean((priming, "full", l)) for l in langs],
-               width=0.27, label={"meta": "PE inner loop (Alg. 1)", "maml": "MAML inner loop",
-                                  "none": "no priming"}[priming])
+               width=0.27, label=PRIMING_NAMES[priming])
     ax.set_xticks(range(len(langs)), langs)
     ax.set_ylabel("test F1, full fine-tuning")
     ax.legend(fontsize=8)

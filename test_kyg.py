@@ -314,10 +314,12 @@ def test_every_table1_row_runs_from_the_command_line_and_writes_a_result(tiny, t
 
 def test_table_judges_an_ordering_only_against_a_spread(tmp_path):
     """A claim is 'held' only when the gap exceeds the seed spread: with one seed there is no spread,
-    and an average over fewer languages than the table shows says so."""
+    and an average over fewer languages than the table shows says so. Figure 3's claims (full
+    fine-tuning after priming) are judged the same way."""
     runs = [("none", "adapter", "hi", [40.0, 42.0]), ("meta", "adapter", "hi", [50.0, 52.0]),
             ("ft", "adapter", "hi", [49.0, 53.0]), ("none", "adapter", "af", [40.0]),
-            ("meta", "adapter", "af", [55.0]), ("none", "full", "hi", [70.0, 71.0])]
+            ("meta", "adapter", "af", [55.0]), ("none", "full", "hi", [70.0, 71.0]),
+            ("meta", "full", "hi", [72.0, 73.0]), ("maml", "full", "hi", [71.0, 75.0])]
     for priming, method, lang, scores in runs:
         for seed, score in enumerate(scores, 1):
             kyg.append_result(str(tmp_path), {"priming": priming, "method": method, "lang": lang,
@@ -329,6 +331,9 @@ def test_table_judges_an_ordering_only_against_a_spread(tmp_path):
     assert rows["| 4 > 5"][0] == "tie (+0.00)"
     assert rows["| 1/Full FT"][-1].startswith("70.50 / 86.73 (1 of 2 languages)")
     assert "languages)" not in rows["| 4/Meta Priming → AT"][-1]
+    assert rows["| meta: PE inner loop (Alg. 1)"] == ["72.50 ± 0.71 (2)", "–"]
+    assert rows["| meta→full > none→full"] == ["held (+2.00)", "–"]
+    assert rows["| maml→full > meta→full"][0] == "tie (+0.50)"
 
 
 def test_side_by_side_runs_keep_every_result(tmp_path):
