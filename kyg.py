@@ -366,7 +366,7 @@ def table(args):
            f"Test F1 (entity-level, micro), mean ± std over seeds (n); the paper's number after the slash.",
            f"From `{os.path.join(args.dir, 'results.jsonl')}`, {len(results)} runs.\n",
            "| row | " + " | ".join(langs) + " | average |", "|---|" + "---|" * (len(langs) + 1)]
-    cell = lambda s: f"{s[0]:.2f} ± {s[1]:.2f} ({s[2]})" if s else "–"
+    cell = lambda s: "–" if not s else f"{s[0]:.2f} ({s[2]})" if s[2] == 1 else f"{s[0]:.2f} ± {s[1]:.2f} ({s[2]})"
     for row, (priming, method, paper) in PAPER_TABLE1.items():
         cells, ours, theirs = [], [], []
         for lang in langs:
@@ -437,7 +437,7 @@ def plot(directory, scores, langs, matrix):
                width=0.27, label=PRIMING_NAMES[priming])
     ax.set_xticks(range(len(langs)), langs)
     ax.set_ylabel("test F1, full fine-tuning")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)  # clear of the bars
     fig.tight_layout()
     fig.savefig(os.path.join(directory, "figure3.png"), dpi=120)
     fig, ax = plt.subplots(figsize=(4, 3.4))

@@ -328,6 +328,7 @@ def test_table_judges_an_ordering_only_against_a_spread(tmp_path):
     rows = {line.split(" | ")[0]: line.rstrip(" |\n").split(" | ")[1:]
             for line in open(tmp_path / "table.md", encoding="utf-8") if line.startswith("| ")}
     assert rows["| 4 > 3"][:2] == ["held (+10.00)", "one seed (+15.00)"]
+    assert rows["| 3/AT"][:2] == ["41.00 ± 1.41 (2) / 77.76", "40.00 (1) / 84.1"]  # no spread from one run
     assert rows["| 4 > 5"][0] == "tie (+0.00)"
     assert rows["| 1/Full FT"][-1].startswith("70.50 / 86.73 (1 of 2 languages)")
     assert "languages)" not in rows["| 4/Meta Priming → AT"][-1]
