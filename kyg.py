@@ -439,7 +439,7 @@ def plot(directory, scores, langs, matrix):
                     fmt="o", capsize=3, label=PRIMING_NAMES[priming])
     ax.set_xticks(range(len(langs)), langs)
     ax.set_ylabel("test F1 after full FT\n(mean ± std over seeds)")
-    ax.legend(fontsize=8, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)  # clear of the bars
+    ax.legend(fontsize=8, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)  # clear of the points
     fig.tight_layout()
     fig.savefig(os.path.join(directory, "figure3.png"), dpi=120)
     fig, ax = plt.subplots(figsize=(4, 3.4))
