@@ -11,6 +11,8 @@ device, so the ratios hold even on a noisy machine while the absolute times do n
     meta cached  one meta-step of Algorithm 1 ("pe" inner loop, 2 tasks, S = 5), trunk computed once
     meta full    the same meta-step running the whole model at every inner step (line by line)
     maml         one meta-step with the MAML inner loop (setting 6)
+    2nd cached   the meta-step with the exact (second-order) meta-gradient, trunk computed once
+    2nd full     the same, line by line: the whole model in the graph at every inner step
 Peak memory is measured on CUDA only.
 """
 import argparse
@@ -95,9 +97,11 @@ def run(args):
 
     meta_opt = torch.optim.AdamW(named_params(model, "pretrained", "adapter").values(), lr=1e-5, fused=fused)
     meta_sched = one_cycle(meta_opt)
-    step = lambda variant, cache, lr: lambda: meta.meta_step(model, meta_opt, meta_sched, tasks, 5, lr, variant, cache)
+    step = lambda variant, cache, lr, second_order=False: lambda: meta.meta_step(
+        model, meta_opt, meta_sched, tasks, 5, lr, variant, cache, second_order)
     cases = {"ft step": ft_step, "forward": forward, "meta cached": step("pe", True, 0.03),
-             "meta full": step("pe", False, 0.03), "maml": step("maml", False, 1e-4)}
+             "meta full": step("pe", False, 0.03), "maml": step("maml", False, 1e-4),
+             "2nd cached": step("pe", True, 0.03, True), "2nd full": step("pe", False, 0.03, True)}
     results = {}
     for name, fn in cases.items():
         results[name] = measure(fn, device, args.repeats)
@@ -120,7 +124,9 @@ def report(args, device, model, results):
               f"meta cached ÷ (2 × (forward + ft step)) = {t['meta cached'] / (2 * (t['forward'] + t['ft step'])):.2f}"
               "   (target ≤ 1.3)",
               f"meta full ÷ meta cached                 = {t['meta full'] / t['meta cached']:.2f}   (target ≥ 2)",
-              f"maml ÷ meta cached                      = {t['maml'] / t['meta cached']:.2f}"]
+              f"maml ÷ meta cached                      = {t['maml'] / t['meta cached']:.2f}",
+              f"2nd cached ÷ meta cached                = {t['2nd cached'] / t['meta cached']:.2f}   (target ≤ 1.6)",
+              f"2nd full ÷ 2nd cached                   = {t['2nd full'] / t['2nd cached']:.2f}   (target ≥ 2.5)"]
     if device.type == "cuda":
         peak = {name: p for name, (_, p) in results.items()}
         lines += [f"peak memory, meta cached ÷ ft step      = {peak['meta cached'] / peak['ft step']:.2f}   (target ≤ 1.2)",

@@ -191,6 +191,16 @@ class TaskSampler:
         self.rng = random.Random(seed)
         self.queue = {lang: [] for lang in examples_by_lang}
 
+    def state_dict(self):
+        """Where the sampler stands (its RNG and what is left of each language's pass), as JSON."""
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss], "queue": self.queue}
+
+    def load_state_dict(self, state):
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.queue = state["queue"]
+
     def steps_per_pass(self):
         """Meta-batches in one pass over the smallest source language."""
         return min(len(e) for e in self.examples.values()) // (self.support_size + self.query_size)

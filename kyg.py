@@ -1,7 +1,7 @@
 """kyg: the command line. Priming (meta.py), fine-tuning and evaluation, and the results table.
 
-    python kyg.py prime --method meta --out primed/meta.pt          # Algorithm 1 on en + es
-    python kyg.py finetune --method adapter --init primed/meta.pt --lang hi --out results
+    python kyg.py prime --method meta --out primed/meta             # Algorithm 1 on en + es
+    python kyg.py finetune --method adapter --init primed/meta --lang hi --out results
     python kyg.py table results                                      # ours beside Table 1
     python kyg.py tiny DIR        # a tiny BERT and tiny WikiAnn-style data, for offline smoke runs
 
@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import signal
 import statistics
 import sys
 import time
@@ -48,16 +49,25 @@ PAPER_TABLE1 = {
 }
 ROW_NAMES = {1: "Full FT", 2: "HT", 3: "AT", 4: "Meta Priming → AT", 5: "FT Priming → AT",
              6: "MP [MAML Loop] → AT", 7: "MP [1 Inner Step] → AT"}
+# Rows the paper does not have: 4 and 7 primed with the exact meta-gradient (meta.py, second order).
+SECOND_ORDER_ROWS = {f"{row}/{ROW_NAMES[row]} [second order]": (f"{PAPER_TABLE1[row][0]}-2nd", "adapter")
+                     for row in (4, 7)}
 # The paper's claims, checked per language: (claim, better (priming, fine-tuning), worse). Table 1's
 # orderings by row number, then Figure 3's (§5.3): before full fine-tuning, a MAML inner loop beats
 # the PE one (in all but lt and et, the paper says), and either priming beats none.
 ORDERINGS = [(f"{better} > {worse}", PAPER_TABLE1[better][:2], PAPER_TABLE1[worse][:2]) for better, worse in
              [(4, 5), (4, 6), (4, 7), (4, 3), (3, 2)] + [(1, row) for row in range(2, 8)]] + \
             [(f"{better}→full > {worse}→full", (better, "full"), (worse, "full"))
-             for better, worse in [("maml", "meta"), ("meta", "none"), ("maml", "none")]]
+             for better, worse in [("maml", "meta"), ("meta", "none"), ("maml", "none")]] + \
+            [("4 > 7 [second order]", *SECOND_ORDER_ROWS.values())]
 # What makes two fine-tuning runs the same run (a rerun skips it); the device does not.
 RUN_KEY = ("model", "data_dir", "init", "method", "lang", "seed", "max_train", "max_eval", "max_length",
            "epochs", "lr", "batch_size", "bottleneck", "cached_trunk")
+# What makes two primings the same priming: a rerun resumes or skips it, and refuses other settings.
+PRIMING_SETTINGS = ("method", "second_order", "model", "data_dir", "source", "steps", "inner_steps", "inner_lr",
+                    "meta_lr", "support_size", "query_size", "bottleneck", "max_train", "max_length", "seed")
+RESULTS_FORMAT = 2  # of OUT/results.jsonl's records; 2: --init names a primed model directory
+SAVE_MINUTES = 10   # the resumable state of a priming is saved this often by default
 FIGURE4_PRIMING, FIGURE4_FINETUNING = ("meta", "maml", "none"), ("adapter", "full")
 PRIMING_NAMES = {"meta": "PE inner loop (Alg. 1)", "maml": "MAML inner loop", "none": "no priming"}
 
@@ -71,45 +81,67 @@ def main(argv=None):
         sys.exit(f"kyg: error: {e}")
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other kyg error, instead of usage + message
+        sys.exit(f"kyg: error: {message}; see `python {self.prog.replace('kyg', 'kyg.py', 1)} --help`")
+
+
+def positive(kind):
+    """An argparse type: a number of `kind` above zero (counts, sizes, learning rates)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+    return parse
+
+
 def parser():
-    p = argparse.ArgumentParser(prog="kyg", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="kyg", description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(required=True, metavar="COMMAND")
+    count, rate = positive(int), positive(float)
 
     def shared(q):
         q.add_argument("--model", default=MODEL, help=f"hub name or local directory (default {MODEL})")
         q.add_argument("--data-dir", help="local WikiAnn, {lang}/{train,dev,test}.tsv[.gz] (default: the hub)")
         q.add_argument("--device", help="default: cuda when present, else cpu")
-        q.add_argument("--max-train", type=int, help="use only the first N training sentences per language")
-        q.add_argument("--max-length", type=int, default=MAX_LENGTH, help="sub-words the model sees")
-        q.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+        q.add_argument("--max-train", type=count, help="use only the first N training sentences per language")
+        q.add_argument("--max-length", type=count, default=MAX_LENGTH, help="sub-words the model sees")
+        q.add_argument("--batch-size", type=count, default=BATCH_SIZE)
 
     q = sub.add_parser("prime", help="prime θp and θa on the source languages (Alg. 1, or setting 5)")
     shared(q)
     q.add_argument("--method", choices=["meta", "ft", "maml"], required=True,
                    help="meta: Algorithm 1; ft: multi-task fine-tuning (setting 5); maml: with the red line")
+    q.add_argument("--second-order", action="store_true",
+                   help="meta only: the exact meta-gradient through the inner steps, not the paper's first order")
     q.add_argument("--source", nargs="+", default=SOURCE_LANGS)
-    q.add_argument("--steps", type=int, help="meta-steps (default: one pass over the smallest source train split)")
-    q.add_argument("--inner-steps", type=int, default=INNER_STEPS, help="S")
-    q.add_argument("--inner-lr", type=float, help="α (default 0.03 for meta, 1e-4 for maml)")
-    q.add_argument("--meta-lr", type=float, default=META_LR, help="β")
-    q.add_argument("--support-size", type=int, default=SUPPORT_SIZE)
-    q.add_argument("--query-size", type=int, default=QUERY_SIZE)
-    q.add_argument("--bottleneck", type=int, default=BOTTLENECK)
+    q.add_argument("--steps", type=count, help="meta-steps (default: one pass over the smallest source train split)")
+    q.add_argument("--inner-steps", type=count, default=INNER_STEPS, help="S")
+    q.add_argument("--inner-lr", type=rate, help="α (default 0.03 for meta, 1e-4 for maml)")
+    q.add_argument("--meta-lr", type=rate, default=META_LR, help="β")
+    q.add_argument("--support-size", type=count, default=SUPPORT_SIZE)
+    q.add_argument("--query-size", type=count, default=QUERY_SIZE)
+    q.add_argument("--bottleneck", type=count, default=BOTTLENECK)
     q.add_argument("--seed", type=int, default=1)
-    q.add_argument("--out", required=True, help="the primed checkpoint to write (θp and θa)")
+    q.add_argument("--save-every", type=count, metavar="N", help="save the state a stopped run resumes from "
+                   f"every N meta-steps (default: every {SAVE_MINUTES} minutes; always on Ctrl-C)")
+    q.add_argument("--out", required=True, help="the primed model directory to write (θp and θa)")
     q.set_defaults(command=prime)
 
     q = sub.add_parser("finetune", help="fine-tune on one target language; append the result to OUT/results.jsonl")
     shared(q)
     q.add_argument("--method", choices=["full", "head", "adapter"], required=True)
-    q.add_argument("--init", help="a primed checkpoint (default: the plain pretrained model)")
+    q.add_argument("--init", help="a primed model directory (default: the plain pretrained model)")
     q.add_argument("--lang", nargs="+", required=True, help="one run per language and seed")
     q.add_argument("--seed", type=int, nargs="+", default=[1])
-    q.add_argument("--epochs", type=int, default=EPOCHS)
-    q.add_argument("--lr", type=float, help="default: 5e-5 full, 1e-3 head and adapter")
-    q.add_argument("--bottleneck", type=int, default=BOTTLENECK)
-    q.add_argument("--max-eval", type=int, help="score only the first N dev and test sentences")
+    q.add_argument("--epochs", type=count, default=EPOCHS)
+    q.add_argument("--lr", type=rate, help="default: 5e-5 full, 1e-3 head and adapter")
+    q.add_argument("--bottleneck", type=count, default=BOTTLENECK)
+    q.add_argument("--max-eval", type=count, help="score only the first N dev and test sentences")
     q.add_argument("--live-trunk", action="store_true",
                    help="head/adapter: run the frozen encoder (with its dropout) at every step instead of "
                         "training on its eval-mode outputs computed once; ~30x slower on a CPU, and F1 "
@@ -145,11 +177,28 @@ def to_device_fn(tokenizer, device):
 
 
 def read_results(directory):
+    """The records of DIR/results.jsonl; a line that is not one is a KygError naming it."""
+    from data import KygError
     path = os.path.join(directory, "results.jsonl")
     if not os.path.isfile(path):
         return []
+    records = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise KygError(f"{path}, line {number}, is not a JSON record ({e}); delete or mend that line")
+            record = record if isinstance(record, dict) else {}
+            missing = {"format", "priming", "method", "lang", "seed", "test_f1"} - record.keys()
+            if record.get("format", RESULTS_FORMAT) != RESULTS_FORMAT or missing:
+                why = f"lacks {', '.join(sorted(missing))}" if missing else f"says format {record['format']}"
+                raise KygError(f"{path}, line {number}, is not a kyg result of format {RESULTS_FORMAT} (it {why}); "
+                               f"read it with the kyg that wrote it, or pass another results directory")
+            records.append(record)
+    return records
 
 
 def append_result(directory, record):
@@ -160,7 +209,7 @@ def append_result(directory, record):
     path = os.path.join(directory, "results.jsonl")
     with open(f"{path}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        lines = [json.dumps(r) for r in read_results(directory)] + [json.dumps(record)]
+        lines = [json.dumps(r) for r in read_results(directory)] + [json.dumps({"format": RESULTS_FORMAT, **record})]
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
@@ -168,58 +217,109 @@ def append_result(directory, record):
 
 
 def priming_label(priming):
-    """How a checkpoint was primed, as Table 1 names it: none, meta, ft, maml, or meta-S1 (S ≠ 5)."""
+    """How a model was primed, as Table 1 names it: none, meta, ft, maml, or meta-S1 (S ≠ 5); with
+    the exact meta-gradient, -2nd after it (meta-2nd, meta-S1-2nd)."""
     if priming is None:
         return "none"
+    label = priming["method"]
     if priming["method"] != "ft" and priming["inner_steps"] != INNER_STEPS:
-        return f"{priming['method']}-S{priming['inner_steps']}"
-    return priming["method"]
+        label += f"-S{priming['inner_steps']}"
+    return label + ("-2nd" if priming.get("second_order") else "")
 
 
 # ----------------------------------------------------------------------------- prime
 
 def prime(args):
-    """Write a primed checkpoint: θp and θa after Algorithm 1 (or setting 5) on --source."""
+    """Write a primed model directory: θp and θa after Algorithm 1 (or setting 5) on --source. A
+    stopped run (Ctrl-C, a crash, a kill) resumes from the state it last saved in --out."""
     import model as M
-    from data import TaskSampler, encode, load_split
-    from meta import prime as run_priming
-    if os.path.exists(args.out):
-        print(f"kyg: {args.out} exists, priming skipped (delete it to prime again)")
+    from data import KygError, TaskSampler, encode, load_split
+    from meta import priming_optimizer, prime as run_priming
+    if os.path.isfile(args.out):
+        raise KygError(f"--out {args.out} is a file; priming writes a directory: pass a new path")
+    if args.second_order and args.method != "meta":
+        raise KygError(f"--second-order is for --method meta (the PE inner loop); drop it for {args.method}")
+    args.inner_lr = args.inner_lr if args.inner_lr is not None else INNER_LR.get(args.method, 0.0)
+    settings = {k: getattr(args, k) for k in PRIMING_SETTINGS}
+    state_path = os.path.join(args.out, M.PRIMING_STATE)
+    if os.path.isfile(os.path.join(args.out, M.PRIMING_RECORD)):
+        same_settings(M.read_priming(args.out), settings, args.out)
+        print(f"kyg: {args.out} is primed already with these settings, skipped (delete it to prime again)")
         return
+    saved = M.load_tensors(state_path) if os.path.isfile(state_path) else None
+    if saved:
+        same_settings(saved[1]["settings"], settings, f"the stopped priming in {args.out}")
     device = setup(args, args.seed)
-    inner_lr = args.inner_lr if args.inner_lr is not None else INNER_LR.get(args.method, 0.0)
     model, tokenizer = M.load(args.model, args.source, with_adapter=True, bottleneck=args.bottleneck)
     model.to(device)
     sources = {lang: encode(load_split(lang, "train", args.data_dir, args.max_train), tokenizer, args.max_length)
                for lang in args.source}
     sampler = TaskSampler(sources, args.support_size, args.query_size, args.seed)
-    steps = args.steps or sampler.steps_per_pass()
-    started = time.time()
-    losses, support_curve = run_priming(model, sampler, to_device_fn(tokenizer, device), args.method, steps,
-                         args.inner_steps, inner_lr, args.meta_lr)
-    priming = {"method": args.method, "model": args.model, "data_dir": args.data_dir, "source": args.source,
-               "steps": steps, "inner_steps": args.inner_steps, "inner_lr": inner_lr, "meta_lr": args.meta_lr,
-               "support_size": args.support_size, "query_size": args.query_size, "bottleneck": args.bottleneck,
-               "max_train": args.max_train, "max_length": args.max_length, "seed": args.seed,
-               "seconds": round(time.time() - started, 1),
-               "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
-               "support_loss_by_inner_step": None if support_curve is None else
-               [round(x, 4) for x in support_curve.tolist()]}
-    M.save_atomic({"kind": "primed", "priming": priming, "pretrained": model.encoder.state_dict(),
-                   "adapter": model.adapter.state_dict()}, args.out)
-    inner = "" if support_curve is None else \
-        f", support loss over the inner steps {' > '.join(f'{x:.3f}' for x in support_curve.tolist())}"
+    steps = settings["steps"] = args.steps or sampler.steps_per_pass()
+    optimizer, scheduler = priming_optimizer(model, args.method, args.meta_lr, steps)
+    history = {"loss": [], "support_loss": [], "seconds": 0.0}
+    if saved:
+        history = M.restore_priming_state(*saved, model, optimizer, scheduler, sampler)["history"]
+        print(f"kyg: resuming the priming in {args.out} from step {len(history['loss'])} of {steps}")
+    started, last_save, stop = time.time() - history["seconds"], time.time(), []
+
+    def after_step():  # save the state every --save-every steps (or minutes), and on Ctrl-C
+        nonlocal last_save
+        step = len(history["loss"])
+        due = step % args.save_every == 0 if args.save_every else time.time() - last_save >= 60 * SAVE_MINUTES
+        if step < steps and (due or stop):
+            history["seconds"] = round(time.time() - started, 1)
+            M.save_priming_state(state_path, model, optimizer, scheduler, sampler,
+                                 {"settings": settings, "history": history})
+            last_save = time.time()
+            if stop:
+                sys.exit(f"kyg: stopped after step {step} of {steps}, state saved in {args.out}; "
+                         f"rerun the same command to resume")
+
+    def on_ctrl_c(*_):
+        stop.append(True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C quits at once
+        print("\nkyg: Ctrl-C: saving after this step (press again to quit without saving)", file=sys.stderr)
+
+    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        run_priming(model, sampler, to_device_fn(tokenizer, device), args.method, optimizer, scheduler, steps,
+                    args.inner_steps, args.inner_lr, history, after_step, args.second_order)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    losses, curves = history["loss"], history["support_loss"]
+    curve = [round(statistics.mean(c[s] for c in curves), 4) for s in range(len(curves[0]))] if curves else None
+    priming = {**settings, "seconds": round(time.time() - started, 1),
+               "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)], "support_loss_by_inner_step": curve}
+    M.save_primed(model, tokenizer, priming, args.out)  # priming.json last: only now is it finished
+    if os.path.isfile(state_path):
+        os.remove(state_path)
+    inner = "" if curve is None else f", support loss over the inner steps {' > '.join(f'{x:.3f}' for x in curve)}"
     print(f"kyg: primed ({args.method}, {steps} steps, {priming['seconds']} s, query loss "
           f"{losses[0]:.3f} -> {losses[-1]:.3f}{inner}) -> {args.out}")
+
+
+def same_settings(saved, settings, what):
+    """A KygError naming the first setting in which `settings` differ from the `saved` ones."""
+    from data import KygError
+    for key, value in settings.items():
+        if saved.get(key) != value and not (key == "steps" and value is None):  # None: one pass, resolved later
+            raise KygError(f"{what} was made with --{key.replace('_', '-')} {saved.get(key)}, not {value}; "
+                           f"rerun with the same settings, or pass another --out to start afresh")
 
 
 # ----------------------------------------------------------------------------- finetune
 
 def finetune(args):
     """One fine-tuning run per --lang and --seed; a run already in OUT/results.jsonl is skipped."""
+    from data import KygError
+    from model import read_priming
     if args.live_trunk and args.method == "full":
-        from data import KygError
         raise KygError("--live-trunk is for head and adapter tuning: full fine-tuning always runs the encoder")
+    primed_from = read_priming(args.init)["model"] if args.init else args.model
+    if os.path.normpath(primed_from) != os.path.normpath(args.model):
+        raise KygError(f"{args.init} was primed from {primed_from!r}, not from --model {args.model!r}; "
+                       f"pass --model {primed_from}")
     # Recorded as `cached_trunk`: whether training ran on stored features of the frozen trunk.
     args.cached_trunk = args.method != "full" and not args.live_trunk
     key = lambda c: tuple(c.get(k) for k in RUN_KEY)
@@ -231,7 +331,7 @@ def finetune(args):
             config = {**{k: v for k, v in vars(args).items()
                          if k not in ("command", "device", "out", "no_save", "live_trunk")},
                       "lang": lang, "seed": seed}
-            if any(key(r["config"]) == key(config) for r in read_results(args.out)):
+            if any(key(r.get("config", {})) == key(config) for r in read_results(args.out)):
                 print(f"kyg: run {number} of {total}: {args.method} on {lang}, seed {seed}, init "
                       f"{args.init or 'none'}: already in {args.out}/results.jsonl, skipped")
             else:
@@ -334,8 +434,8 @@ def finetune_one(args, lang, seed, config, reused, run_label):
     name = f"{priming_label(priming)}-{args.method}-{lang}-s{seed}"
     saved_bytes = sum(t.numel() * t.element_size() for t in state.values())
     if not args.no_save:
-        M.save_atomic({"kind": "finetuned", "method": args.method, "lang": lang, "init": args.init,
-                       "state": state}, os.path.join(args.out, "weights", f"{name}.pt"))
+        M.save_tensors(state, os.path.join(args.out, "weights", f"{name}.safetensors"),
+                       {"method": args.method, "lang": lang, "init": args.init})
     record = {"priming": priming_label(priming), "method": args.method, "lang": lang, "seed": seed,
               "dev_f1": round(dev_f1, 2), "test_f1": round(test_f1, 2), "best_epoch": best_epoch,
               "trainable_params": trained, "total_params": total, "trainable_fraction": trained / total,
@@ -367,18 +467,22 @@ def table(args):
            f"From `{os.path.join(args.dir, 'results.jsonl')}`, {len(results)} runs.\n",
            "| row | " + " | ".join(langs) + " | average |", "|---|" + "---|" * (len(langs) + 1)]
     cell = lambda s: "–" if not s else f"{s[0]:.2f} ({s[2]})" if s[2] == 1 else f"{s[0]:.2f} ± {s[1]:.2f} ({s[2]})"
-    for row, (priming, method, paper) in PAPER_TABLE1.items():
+    rows = [(f"{row}/{ROW_NAMES[row]}", priming, method, paper) for row, (priming, method, paper) in PAPER_TABLE1.items()]
+    rows += [(name, priming, method, {}) for name, (priming, method) in SECOND_ORDER_ROWS.items()
+             if any(key[:2] == (priming, method) for key in scores)]  # only where they were run
+    for name, priming, method, paper in rows:
         cells, ours, theirs = [], [], []
         for lang in langs:
             s = stat((priming, method, lang))
             cells.append(f"{cell(s)} / {paper.get(lang, '–')}")
-            if s and lang in paper:
-                ours.append(s[0]), theirs.append(paper[lang])
-        average = f"{statistics.mean(ours):.2f} / {statistics.mean(theirs):.2f}" if ours else "–"
-        comparable = sum(lang in paper for lang in langs)
+            if s and (lang in paper or not paper):
+                ours.append(s[0])
+                theirs += [paper[lang]] if paper else []
+        average = f"{statistics.mean(ours):.2f} / {f'{statistics.mean(theirs):.2f}' if theirs else '–'}" if ours else "–"
+        comparable = sum(lang in paper for lang in langs) if paper else len(langs)
         if ours and len(ours) < comparable:  # an average over fewer languages than the other rows'
             average += f" ({len(ours)} of {comparable} languages)"
-        out.append(f"| {row}/{ROW_NAMES[row]} | " + " | ".join(cells) + f" | {average} |")
+        out.append(f"| {name} | " + " | ".join(cells) + f" | {average} |")
 
     out += ["\n## Figure 3: full fine-tuning after each priming\n",
             "Test F1, mean ± std over seeds (n). The paper gives these as bars only, without numbers.\n",

@@ -8,7 +8,8 @@
     10          for s ← 1..S do                                  adapt()
     11              θa^i ← θa^i − α∇L(f_θ^i, 𝒟tr);  θh^i ← θh^i − α∇L(f_θ^i, 𝒟tr)
                     [θp^i ← θp^i − α∇L(f_θ^i, 𝒟tr)]   the red line: MAML only ("maml")
-    14      θa ← θa − β∇Σ L(f_θ^i, 𝒟ts);  θp ← θp − β∇Σ L(f_θ^i, 𝒟ts)   meta_step(), first-order, AdamW
+    14      θa ← θa − β∇Σ L(f_θ^i, 𝒟ts);  θp ← θp − β∇Σ L(f_θ^i, 𝒟ts)   meta_step(), first order
+                                                       (or second); AdamW: priming_optimizer()
     15      θh = θh^1                                            meta_step()
     17  return θp, θa
 
@@ -20,6 +21,18 @@ First-order (§4.2): the meta-gradient is the gradient of the query loss at the 
 parameters θ^i, used as the gradient at θ. So the inner steps are never differentiated through:
 each update is detached, and the query loss backpropagates into the θ^i tensors (for θa, and for
 θp in "maml") or, where θ^i is θ itself (θp in "pe"), straight into the model's own .grad.
+
+Second order (`second_order`, "pe" only; the paper uses first order "as a workaround", §4.2):
+the exact meta-gradient differentiates through the S inner steps. Write h = f(x_tr; θp) for the
+trunk's features of the support batch. The "pe" inner loop only ever sees θp through h:
+    φ_0 = (θa, θh),   φ_{s+1} = φ_s − α ∇_φ L_tr(φ_s; h),   query loss  L_ts(θp, φ_S)
+so φ_S is a function of θa and of h, and by the chain rule
+    dL_ts/dθa = ∂L_ts/∂φ_S · dφ_S/dθa,          dφ_{s+1}/dφ_s = I − α ∇²_φ L      (S small steps back)
+    dL_ts/dθp = ∂L_ts/∂θp  +  ∂L_ts/∂φ_S · dφ_S/dh · ∂h/∂θp                    (query pass + one support pass)
+The Hessians are over adapter and head only, and θp is reached through the support features
+by one backward through the trunk, not S of them. Autograd does all of it when h keeps its
+graph and each inner update is built with create_graph=True; that is the whole change. θh
+still gets no meta-gradient (line 15), so its copy starts detached.
 
 Variants: "pe" (the paper's, settings 4 and 7) updates θa and θh in the inner loop; "maml"
 (setting 6) also runs the red line. `fine_tune_step()` is setting 5, priming by plain multi-task
@@ -41,7 +54,7 @@ def task_loss(model, params, batch, lang, hidden=None):
     return token_loss(logits, batch["labels"])
 
 
-def adapt(model, support, lang, steps, lr, variant="pe", cache_trunk=True):
+def adapt(model, support, lang, steps, lr, variant="pe", cache_trunk=True, second_order=False):
     """Alg. 1, lines 9-12 for one task: S steps of plain SGD on the support batch.
 
     Returns θ^i as {name: tensor} for the parameters the inner loop updated (θa, the task's θh,
@@ -53,27 +66,35 @@ def adapt(model, support, lang, steps, lr, variant="pe", cache_trunk=True):
     the same at every step, and the gradients for θa and θh never flow into the encoder. (With
     dropout on, the cached path draws one dropout mask in the encoder for all S steps, the
     line-by-line path a fresh one each step: the same distribution, different samples.)
+
+    With `second_order` ("pe" only), θ^i stays a differentiable function of θa and θp (module
+    docstring), so a backward from the query loss reaches them through the inner steps.
     """
     inner_names = named_params(model, *INNER_GROUPS[variant], lang=lang)
-    # Alg. 1, line 9: θ^i = θ. Only what the inner loop changes needs a copy of its own.
-    fast = {name: p.detach().clone().requires_grad_() for name, p in inner_names.items()}
+    # Alg. 1, line 9: θ^i = θ. Only what the inner loop changes needs a copy of its own; in
+    # second order θa^i starts as θa itself, so that the inner steps stay on θa's graph.
+    fast = {name: p if second_order and group_of(name) == "adapter" else p.detach().clone().requires_grad_()
+            for name, p in inner_names.items()}
     hidden, support_losses = None, []
     if cache_trunk and variant == "pe":
-        with torch.no_grad():
+        with torch.set_grad_enabled(second_order):  # second order: θp reaches the query loss through h
             hidden = model.encode(support["input_ids"], support["attention_mask"])
     for _ in range(steps):  # Alg. 1, line 10
         loss = task_loss(model, fast, support, lang, hidden)
-        grads = torch.autograd.grad(loss, list(fast.values()))
+        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=second_order)
         support_losses.append(loss.detach())
         # Alg. 1, line 11 (and, in "maml", the red line): θ^i ← θ^i − α∇L(f_θ^i, 𝒟tr).
-        # In place and outside autograd: first-order, so no graph is kept through the inner loop.
-        with torch.no_grad():
+        if second_order:  # a new tensor on the graph, so the query loss differentiates through it
+            fast = {name: p - lr * g for (name, p), g in zip(fast.items(), grads)}
+            continue
+        with torch.no_grad():  # first order: in place and outside autograd, no graph kept
             for p, g in zip(fast.values(), grads):
                 p -= lr * g
     return fast, torch.stack(support_losses)
 
 
-def meta_step(model, optimizer, scheduler, tasks, inner_steps, inner_lr, variant="pe", cache_trunk=True):
+def meta_step(model, optimizer, scheduler, tasks, inner_steps, inner_lr, variant="pe", cache_trunk=True,
+              second_order=False):
     """One pass of the while loop, Alg. 1 lines 8-15, over an already sampled batch of tasks
     (line 7): [(lang, support batch, query batch)]. The optimizer holds θp and θa (AdamW, β).
     Returns the query loss summed over the tasks, and the support loss before each inner step
@@ -83,18 +104,20 @@ def meta_step(model, optimizer, scheduler, tasks, inner_steps, inner_lr, variant
     first_heads = {}
     query_total, support_curve = 0.0, 0.0
     for lang, support, query in tasks:  # Alg. 1, line 8
-        fast, support_losses = adapt(model, support, lang, inner_steps, inner_lr, variant, cache_trunk)  # 9-12
-        # Alg. 1, line 14, first-order: ∇ of L(f_θ^i, 𝒟ts) at θ^i stands for the gradient at θ.
-        # backward() accumulates the sum over tasks: into .grad of θp directly where θ^i shares
-        # the model's tensor ("pe"), and into the θ^i copies otherwise, collected just below.
+        fast, support_losses = adapt(model, support, lang, inner_steps, inner_lr, variant, cache_trunk,
+                                     second_order)  # Alg. 1, lines 9-12
+        # Alg. 1, line 14. backward() accumulates the sum over tasks into .grad of θp and θa.
+        # First order: ∇ of L(f_θ^i, 𝒟ts) at θ^i stands for the gradient at θ; it lands in .grad of
+        # θp directly where θ^i shares the model's tensor ("pe"), and in the θ^i copies otherwise,
+        # collected just below. Second order: the exact gradient, through the inner steps.
         loss = task_loss(model, fast, query, lang)
         loss.backward()
         query_total += loss.detach()
         support_curve += support_losses / len(tasks)
         with torch.no_grad():
             for name, p in fast.items():
-                if group_of(name) == "head":
-                    continue  # θh gets no meta-gradient
+                if group_of(name) == "head" or second_order:
+                    continue  # θh gets no meta-gradient; second order needs no copying
                 target = meta_params[name]
                 target.grad = p.grad.clone() if target.grad is None else target.grad.add_(p.grad)
         # Alg. 1, line 15 keeps the first task's adapted head; with a head per language, each
@@ -125,22 +148,30 @@ def fine_tune_step(model, optimizer, scheduler, tasks):
     return total
 
 
-def prime(model, sampler, to_device, method, steps, inner_steps, inner_lr, meta_lr):
-    """Alg. 1, line 6 ("while not converged"): `steps` meta-steps, or for method "ft" as many
-    fine-tuning updates, with AdamW at `meta_lr` (β) decaying linearly to 0. Returns the losses.
-
-    method: "meta" (Algorithm 1), "maml" (Algorithm 1 with the red line), "ft" (setting 5).
-    `to_device` turns a list of Examples into a batch of tensors on the model's device.
-    Returns the query loss of every step (for "ft", the training loss), and the support loss
-    before each inner step averaged over all meta-steps, [S] (None for "ft")."""
-    from tqdm import tqdm
+def priming_optimizer(model, method, meta_lr, steps):
+    """Alg. 1, line 14's optimizer: AdamW at β over θp ∪ θa (for "ft", setting 5, θh too), its
+    learning rate decaying linearly to 0 over `steps` (§4.2). Returns (optimizer, scheduler)."""
     trained = ("pretrained", "adapter", "head") if method == "ft" else ("pretrained", "adapter")
     params = list(named_params(model, *trained).values())
     optimizer = torch.optim.AdamW(params, lr=meta_lr, fused=params[0].is_cuda)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+
+
+def prime(model, sampler, to_device, method, optimizer, scheduler, steps, inner_steps, inner_lr, history,
+          after_step=lambda: None, second_order=False):
+    """Alg. 1, line 6 ("while not converged"): meta-steps, or for method "ft" as many fine-tuning
+    updates, until `steps` are done, continuing after the len(history["loss"]) already done.
+
+    method: "meta" (Algorithm 1; with `second_order`, the exact meta-gradient), "maml" (Algorithm 1
+    with the red line), "ft" (setting 5).
+    `to_device` turns a list of Examples into a batch of tensors on the model's device.
+    Appends to `history` the query loss of every step (for "ft", the training loss) under "loss"
+    and, for meta and maml, the support loss before each inner step, [S], under "support_loss";
+    then calls after_step(), where kyg.py saves the state a stopped run resumes from."""
+    from tqdm import tqdm
     model.train()
-    losses, support_curves = [], []
-    progress = tqdm(range(steps), desc=f"prime {method}", unit="step")
+    done = len(history["loss"])
+    progress = tqdm(range(done, steps), initial=done, total=steps, desc=f"prime {method}", unit="step")
     for _ in progress:
         tasks = [(lang, to_device(support), to_device(query))
                  for lang, support, query in sampler.sample()]  # Alg. 1, line 7
@@ -148,8 +179,9 @@ def prime(model, sampler, to_device, method, steps, inner_steps, inner_lr, meta_
             loss = fine_tune_step(model, optimizer, scheduler, tasks)
         else:
             loss, curve = meta_step(model, optimizer, scheduler, tasks, inner_steps, inner_lr,
-                                    variant="maml" if method == "maml" else "pe")
-            support_curves.append(curve)
-        losses.append(loss)
+                                    variant="maml" if method == "maml" else "pe", second_order=second_order)
+            history["support_loss"].append(curve.tolist())
+        history["loss"].append(loss)
         progress.set_postfix(loss=f"{loss:.3f}")
-    return losses, torch.stack(support_curves).mean(0) if support_curves else None
+        after_step()
+    return history

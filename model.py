@@ -10,9 +10,11 @@ Algorithm 1 treats the three groups differently, so every parameter name says it
 meta.py runs this module through `torch.func.functional_call` with some of those names bound to
 other tensors (the inner loop's adapted copies); kyg.py fine-tunes it directly.
 
-Also here: loading from the hub or a local directory with clear errors, atomic checkpoints, and
-the tiny BERT that the tests and `run.sh smoke` build offline.
+Also here: loading from the hub or a local directory with clear errors; the files kyg writes
+(safetensors and JSON, atomically): primed model directories and the resumable state of a
+priming; and the tiny BERT that the tests and `run.sh smoke` build offline.
 """
+import json
 import logging
 import os
 
@@ -127,29 +129,120 @@ def parameter_count(model, groups):
     return trained, sum(p.numel() for p in params.values())
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+# ----------------------------------------------------------------------------- files
+# Everything kyg writes is safetensors or JSON (never a pickle), written to a temporary file and
+# renamed into place, so that a crash never leaves half a file under the final name.
+
+def write_atomic(path, write):
+    """write(temporary path), then rename it to `path`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
+    write(tmp)
     os.replace(tmp, path)
 
 
-def load_primed(model, path):
-    """Load θp and θa from a `kyg.py prime` checkpoint into `model`; returns the checkpoint's
-    record of how it was primed."""
-    if not os.path.isfile(path):
-        raise KygError(f"primed checkpoint {path!r} not found: make it with `python kyg.py prime --out {path}`")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint.get("kind") != "primed":
-        raise KygError(f"{path} is not a primed checkpoint (written by `kyg.py prime`)")
+def save_tensors(tensors, path, metadata=None):
+    """{name: tensor} (and a JSON-able `metadata`) -> one safetensors file, atomically."""
+    from safetensors.torch import save_file
+    tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, {"kyg": json.dumps(metadata)}))
+
+
+def load_tensors(path):
+    """({name: tensor}, metadata) from a file save_tensors wrote; a damaged file is a KygError."""
+    from safetensors import SafetensorError, safe_open
     try:
-        model.encoder.load_state_dict(checkpoint["pretrained"])
-        model.adapter.load_state_dict(checkpoint["adapter"])
+        with safe_open(path, "pt") as f:
+            return {n: f.get_tensor(n) for n in f.keys()}, json.loads((f.metadata() or {}).get("kyg", "null"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise KygError(f"{path} is damaged or incomplete ({str(e).splitlines()[0][:120]}); delete it and "
+                       f"rerun the command that wrote it")
+
+
+def write_json(obj, path):
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+    write_atomic(path, write)
+
+
+# A primed model is a Hugging Face directory: the encoder as save_pretrained writes it (so
+# AutoModel.from_pretrained(DIR) gives the primed θp), its tokenizer, θa in adapter.safetensors,
+# and priming.json, written last: a directory without it is a priming that has not finished.
+PRIMING_RECORD, PRIMING_STATE = "priming.json", "priming-state.safetensors"
+
+
+def save_primed(model, tokenizer, priming, directory):
+    model.encoder.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    save_tensors(model.adapter.state_dict(), os.path.join(directory, "adapter.safetensors"))
+    write_json(priming, os.path.join(directory, PRIMING_RECORD))
+
+
+def read_priming(directory):
+    """The record of a finished priming in `directory`, or a KygError saying what `directory` is."""
+    make = "make one with `python kyg.py prime --out DIR`"
+    if not os.path.exists(directory):
+        raise KygError(f"primed model directory {directory!r} not found; {make}")
+    if not os.path.isdir(directory):
+        raise KygError(f"{directory} is a file, not a primed model directory; {make}")
+    if not os.path.isfile(os.path.join(directory, PRIMING_RECORD)):
+        if os.path.isfile(os.path.join(directory, PRIMING_STATE)):
+            raise KygError(f"{directory} holds a priming that has not finished; rerun the "
+                           f"`kyg.py prime` command that started it to finish it")
+        raise KygError(f"{directory} is not a primed model directory (no {PRIMING_RECORD}); {make}")
+    try:
+        with open(os.path.join(directory, PRIMING_RECORD), encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:
+        raise KygError(f"{directory}/{PRIMING_RECORD} is damaged ({e}); delete {directory} and prime again")
+
+
+def load_primed(model, directory):
+    """Load θp and θa from a primed model directory into `model`; returns its priming record."""
+    priming = read_priming(directory)
+    try:
+        model.encoder.load_state_dict(load_tensors(os.path.join(directory, "model.safetensors"))[0])
+        model.adapter.load_state_dict(load_tensors(os.path.join(directory, "adapter.safetensors"))[0])
     except RuntimeError:
-        raise KygError(f"{path} was primed from {checkpoint['priming']['model']!r}, which does not "
-                       f"match the --model given: pass --model {checkpoint['priming']['model']}")
-    return checkpoint["priming"]
+        raise KygError(f"{directory} was primed from {priming['model']!r}, whose weights do not fit the "
+                       f"--model given; pass --model {priming['model']}")
+    return priming
+
+
+# The resumable state of a priming: every parameter (θp, θa, each source language's θh), AdamW's
+# moments, the scheduler's step, the task sampler's RNG and queues, torch's RNG (dropout), and
+# the loss history. One file, so it is replaced whole or not at all.
+
+def save_priming_state(path, model, optimizer, scheduler, sampler, record):
+    tensors = {f"model.{n}": p for n, p in model.named_parameters()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    optim = optimizer.state_dict()
+    for index, state in optim["state"].items():
+        tensors.update({f"optimizer.{index}.{k}": v for k, v in state.items()})
+    save_tensors(tensors, path, {**record, "param_groups": optim["param_groups"], "scheduler": scheduler.state_dict(),
+                                 "sampler": sampler.state_dict()})
+
+
+def restore_priming_state(tensors, record, model, optimizer, scheduler, sampler):
+    """Put back what save_priming_state saved (read by load_tensors); returns its record."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(tensors[f"model.{name}"])
+    state = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".")
+            state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": record.pop("param_groups")})
+    scheduler.load_state_dict(record.pop("scheduler"))
+    sampler.load_state_dict(record.pop("sampler"))
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return record
 
 
 # ----------------------------------------------------------------------------- tiny model

@@ -24,8 +24,9 @@
 # Time: the full run with mBERT on one GPU has not been measured yet (no GPU was lent to the
 # session that wrote this); see README.md, "Performance", for what has been measured.
 #
-# Resumable: primed checkpoints and results are written atomically, and a rerun skips every
-# primed checkpoint that exists and every fine-tuning run already in OUT/results.jsonl.
+# Resumable: primed models and results are written atomically, and a rerun skips every finished
+# priming and every fine-tuning run already in OUT/results.jsonl; a priming that was stopped
+# resumes from the state it last saved (kyg.py prime --save-every).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -74,6 +75,10 @@ STAGES=(
     "row7       finetune meta-S1 adapter"
     "prime-maml prime maml"
     "row6       finetune maml adapter"
+    "prime-2nd  prime meta-2nd"
+    "row4-2nd   finetune meta-2nd adapter"
+    "prime-S1-2nd prime meta-S1-2nd"
+    "row7-2nd   finetune meta-S1-2nd adapter"
     "row1       finetune none full"
     "fig3-meta  finetune meta full"
     "fig3-maml  finetune maml full"
@@ -85,13 +90,14 @@ for i in "${!STAGES[@]}"; do
     eta=$([[ $i -gt 0 ]] && echo "$((elapsed * (${#STAGES[@]} - i) / i / 60)) min" || echo "?")
     echo "== run.sh: stage $((i + 1)) of ${#STAGES[@]}: $name ($((elapsed / 60)) min so far, ETA $eta)"
     if [[ $kind == prime ]]; then
-        steps_flag=()
-        [[ $priming == meta-S1 ]] && steps_flag=(--inner-steps 1)
-        python kyg.py prime --method "${priming%-S1}" "${steps_flag[@]}" "${PRIME[@]}" "${COMMON[@]}" \
-            --out "$OUT/primed/$priming.pt"
+        variant=()  # the label says it: meta-S1 is S = 1, meta-2nd the exact meta-gradient
+        [[ $priming == *-S1* ]] && variant+=(--inner-steps 1)
+        [[ $priming == *-2nd ]] && variant+=(--second-order)
+        python kyg.py prime --method "${priming%%-*}" "${variant[@]}" "${PRIME[@]}" "${COMMON[@]}" \
+            --out "$OUT/primed/$priming"
     else
         init=()
-        [[ $priming != none ]] && init=(--init "$OUT/primed/$priming.pt")
+        [[ $priming != none ]] && init=(--init "$OUT/primed/$priming")
         # Full fine-tuning writes no weights: a copy of mBERT per run (~700 MB) is what PE tuning avoids.
         extra=("${PE_TUNING[@]}")
         [[ $method == full ]] && extra=(--no-save)

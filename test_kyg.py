@@ -11,8 +11,10 @@ import gzip
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -240,6 +242,73 @@ def test_first_order_meta_gradient_is_the_query_gradient_at_the_adapted_paramete
     assert any(expected[n].abs().sum() > 0 for n in expected if n.startswith("encoder."))
 
 
+def meta_gradient(model, tasks, inner_steps, second_order):
+    """{name: ∂} of θp and θa from one meta_step on a copy of `model` (SGD at lr 0 keeps .grad)."""
+    model = copy.deepcopy(model)
+    params = M.named_params(model, "pretrained", "adapter")
+    sgd = torch.optim.SGD(params.values(), lr=0.0)
+    meta.meta_step(model, sgd, constant_lr(sgd), tasks, inner_steps, 0.03, second_order=second_order)
+    return {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
+
+
+def unrolled_meta_gradient(model, support, query, lang, inner_steps, lr):
+    """The exact meta-gradient, computed independently of meta.py: S inner steps of the whole
+    model, each kept in the graph (create_graph=True), then ∂ of the query loss w.r.t. θp and θa."""
+    from torch.func import functional_call
+    run = lambda params, batch: M.token_loss(functional_call(
+        model, params, (lang,), {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}),
+        batch["labels"])
+    fast = {n: p for n, p in model.named_parameters() if n.startswith("adapter.")}
+    fast.update({n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()
+                 if n.startswith(f"heads.{lang}.")})
+    for _ in range(inner_steps):
+        grads = torch.autograd.grad(run(fast, support), list(fast.values()), create_graph=True)
+        fast = {n: p - lr * g for (n, p), g in zip(fast.items(), grads)}
+    meta_params = M.named_params(model, "pretrained", "adapter")
+    grads = torch.autograd.grad(run(fast, query), list(meta_params.values()), allow_unused=True)
+    return {n: g if g is not None else torch.zeros_like(p) for (n, p), g in zip(meta_params.items(), grads)}
+
+
+def test_second_order_meta_gradient_is_the_gradient_through_the_inner_steps(tagger, tiny):
+    model, tokenizer = tagger
+    model.double()
+    support, query = batch_of(tiny, tokenizer, "en", 0, 8), batch_of(tiny, tokenizer, "en", 8, 8)
+    exact = unrolled_meta_gradient(model, support, query, "en", inner_steps=3, lr=0.03)
+    second = meta_gradient(model, [("en", support, query)], 3, second_order=True)
+    first = meta_gradient(model, [("en", support, query)], 3, second_order=False)
+    for name in exact:
+        torch.testing.assert_close(second[name], exact[name], rtol=0, atol=1e-10, msg=name)
+    gap = max((first[n] - exact[n]).abs().max().item() for n in exact)
+    assert gap > 1e-5  # first order is an approximation, and a visible one
+    assert any(exact[n].abs().max() > 0 for n in exact if n.startswith("encoder."))
+
+
+def test_second_order_meta_gradient_agrees_with_finite_differences_along_theta_p(tagger, tiny):
+    model, tokenizer = tagger
+    model.double()
+    support, query = batch_of(tiny, tokenizer, "en", 0, 8), batch_of(tiny, tokenizer, "en", 8, 8)
+    grad = meta_gradient(model, [("en", support, query)], 3, second_order=True)
+    pretrained = M.named_params(model, "pretrained")
+    torch.manual_seed(1)
+    direction = {n: torch.randn_like(p) for n, p in pretrained.items()}
+
+    def query_loss_after_inner_steps(step):  # L(f_θ^i, 𝒟ts) with θp moved by step · direction
+        with torch.no_grad():
+            for n, p in pretrained.items():
+                p += step * direction[n]
+        fast, _ = meta.adapt(model, support, "en", 3, 0.03)
+        with torch.no_grad():
+            loss = meta.task_loss(model, fast, query, "en").item()
+            for n, p in pretrained.items():
+                p -= step * direction[n]
+        return loss
+
+    eps = 1e-5
+    numeric = (query_loss_after_inner_steps(eps) - query_loss_after_inner_steps(-eps)) / (2 * eps)
+    analytic = sum((grad[n] * direction[n]).sum().item() for n in pretrained)
+    assert numeric == pytest.approx(analytic, rel=1e-6)
+
+
 def test_meta_step_sets_each_head_to_its_first_task_adapted_head_and_moves_theta(tagger, tiny):
     model, tokenizer = tagger
     tasks = [("en", batch_of(tiny, tokenizer, "en", 0, 8), batch_of(tiny, tokenizer, "en", 8, 8)),
@@ -277,9 +346,11 @@ def test_meta_priming_lowers_the_query_loss(tagger, tiny):
     examples = {"en": D.encode(D.load_split("en", "train", tiny["data"]), tokenizer, 64)}
     sampler = D.TaskSampler(examples, 8, 8, seed=0)
     to_device = lambda ex: D.collate(ex, tokenizer.pad_token_id)
-    losses, support_curve = meta.prime(model, sampler, to_device, "meta", steps=30, inner_steps=5,
-                                       inner_lr=0.03, meta_lr=3e-3)
-    assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
+    optimizer, scheduler = meta.priming_optimizer(model, "meta", meta_lr=3e-3, steps=30)
+    history = meta.prime(model, sampler, to_device, "meta", optimizer, scheduler, steps=30, inner_steps=5,
+                         inner_lr=0.03, history={"loss": [], "support_loss": []})
+    losses, support_curve = history["loss"], torch.tensor(history["support_loss"]).mean(0)
+    assert len(losses) == 30 and sum(losses[-5:]) < 0.8 * sum(losses[:5])
     assert support_curve.shape == (5,) and support_curve[-1] < support_curve[0]  # the inner loop learns
 
 
@@ -290,11 +361,11 @@ def test_every_table1_row_runs_from_the_command_line_and_writes_a_result(tiny, t
     primed = {"meta": [], "ft": [], "maml": [], "meta-S1": ["--inner-steps", "1"]}
     for label, extra in primed.items():
         kyg.main(["prime", "--method", label.split("-")[0], "--source", "en", "es", "--steps", "3",
-                  "--support-size", "8", "--query-size", "8", "--out", str(tmp_path / f"{label}.pt"),
+                  "--support-size", "8", "--query-size", "8", "--out", str(tmp_path / label),
                   *extra, *common])
     out = str(tmp_path / "results")
     for row, (priming, method, _) in kyg.PAPER_TABLE1.items():
-        init = [] if priming == "none" else ["--init", str(tmp_path / f"{priming}.pt")]
+        init = [] if priming == "none" else ["--init", str(tmp_path / priming)]
         kyg.main(["finetune", "--method", method, "--lang", "hi", "--epochs", "1", "--out", out, *init, *common])
     results = kyg.read_results(out)
     assert [(r["priming"], r["method"]) for r in results] == [row[:2] for row in kyg.PAPER_TABLE1.values()]
@@ -302,7 +373,7 @@ def test_every_table1_row_runs_from_the_command_line_and_writes_a_result(tiny, t
         assert r["lang"] == "hi" and 0 <= r["test_f1"] <= 100 and r["trainable_params"] > 0
     fractions = {r["method"]: r["trainable_fraction"] for r in results}
     assert fractions["head"] < fractions["adapter"] < fractions["full"] == 1.0
-    saved = torch.load(os.path.join(out, "weights", "meta-adapter-hi-s1.pt"), weights_only=True)["state"]
+    saved = M.load_tensors(os.path.join(out, "weights", "meta-adapter-hi-s1.safetensors"))[0]
     assert {M.group_of(n) for n in saved} == {"adapter", "head"}  # only what adapter tuning changed
 
     kyg.main(["finetune", "--method", "head", "--lang", "hi", "--epochs", "1", "--out", out, *common])
@@ -339,27 +410,127 @@ def test_table_judges_an_ordering_only_against_a_spread(tmp_path):
 
 def test_side_by_side_runs_keep_every_result(tmp_path):
     """finetune processes writing into one results folder at once lose none of each other's lines."""
-    write = "import kyg, sys\nfor i in range(40): kyg.append_result(sys.argv[1], {'worker': sys.argv[2], 'i': i})"
+    write = "import kyg, sys\nfor i in range(40): kyg.append_result(sys.argv[1], " \
+        "{'priming': 'none', 'method': 'head', 'lang': sys.argv[2], 'seed': i, 'test_f1': 0.0})"
     workers = [subprocess.Popen([sys.executable, "-c", write, str(tmp_path), str(w)], cwd=HERE) for w in range(4)]
     assert [w.wait() for w in workers] == [0] * 4
-    assert sorted((r["worker"], r["i"]) for r in kyg.read_results(str(tmp_path))) == \
+    assert sorted((r["lang"], r["seed"]) for r in kyg.read_results(str(tmp_path))) == \
         sorted((str(w), i) for w in range(4) for i in range(40))
 
 
-def test_a_primed_checkpoint_loads_its_pretrained_and_adapter_weights(tiny, tmp_path):
+def test_a_primed_model_is_a_hugging_face_directory_holding_the_primed_weights(tiny, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModel
     kyg.main(["prime", "--method", "meta", "--source", "en", "--steps", "2", "--support-size", "8",
               "--query-size", "8", "--meta-lr", "1e-2", "--model", tiny["model"], "--data-dir", tiny["data"],
-              "--out", str(tmp_path / "m.pt")])
-    checkpoint = torch.load(tmp_path / "m.pt", weights_only=True)
+              "--out", str(tmp_path / "m")])
+    primed = AutoModel.from_pretrained(str(tmp_path / "m")).state_dict()  # any library can load θp
+    plain = AutoModel.from_pretrained(tiny["model"]).state_dict()
     fresh, _ = M.load(tiny["model"], ["hi"])
-    plain = snapshot(fresh)
-    assert M.load_primed(fresh, str(tmp_path / "m.pt"))["method"] == "meta"
-    for name, value in checkpoint["pretrained"].items():
-        assert torch.equal(fresh.encoder.state_dict()[name], value)
-    assert any(not torch.equal(plain["encoder." + n], v) for n, v in checkpoint["pretrained"].items()
-               if "encoder." + n in plain)  # priming moved θp, and the fresh model now has the moved θp
-    for name, value in checkpoint["adapter"].items():
+    assert M.load_primed(fresh, str(tmp_path / "m"))["method"] == "meta"
+    for name, value in fresh.encoder.state_dict().items():
+        assert torch.equal(primed[name], value), name
+    assert any(not torch.equal(plain[n], v) for n, v in fresh.encoder.state_dict().items())  # priming moved θp
+    for name, value in load_file(tmp_path / "m" / "adapter.safetensors").items():
         assert torch.equal(fresh.adapter.state_dict()[name], value)
+    assert not list(tmp_path.glob("m/*state*"))  # the resumable state goes once priming is finished
+
+
+def run_kyg(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "kyg.py"), *args], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def start_and_kill(args, done):
+    """Start `kyg.py args`, SIGKILL it as soon as done() is true, and check it was killed mid-run."""
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "kyg.py"), *args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    while not done() and process.poll() is None:
+        time.sleep(0.005)
+    process.kill()
+    assert process.wait() == -signal.SIGKILL  # killed, not finished
+
+
+@pytest.mark.parametrize("method", ["meta", "maml"])
+def test_a_killed_priming_resumes_and_ends_bit_identical(tiny, tmp_path, method):
+    # 12 sentences a task, 80 a language: a save falls mid-pass, with the sampler's queues part-used.
+    args = ["prime", "--method", method, "--steps", "60", "--save-every", "5", "--support-size", "8",
+            "--query-size", "4", "--model", tiny["model"], "--data-dir", tiny["data"], "--out"]
+    assert run_kyg(*args, str(tmp_path / "whole")).returncode == 0
+    start_and_kill(args + [str(tmp_path / "killed")], lambda: (tmp_path / "killed" / M.PRIMING_STATE).exists())
+    with pytest.raises(SystemExit, match="holds a priming that has not finished; rerun"):
+        kyg.main(["finetune", "--method", "adapter", "--lang", "hi", "--model", tiny["model"], "--data-dir",
+                  tiny["data"], "--init", str(tmp_path / "killed"), "--out", str(tmp_path / "r")])
+    rerun = run_kyg(*args, str(tmp_path / "killed"))
+    assert rerun.returncode == 0
+    resumed_from = int(rerun.stdout.split("from step ")[1].split()[0])
+    assert 0 < resumed_from < 60 and resumed_from % 5 == 0
+    for name in ("model.safetensors", "adapter.safetensors"):
+        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_a_killed_finetune_keeps_every_finished_run_and_redoes_the_killed_one(tiny, tmp_path):
+    out = tmp_path / "r"
+    args = ["finetune", "--method", "adapter", "--lang", "hi", "--seed", "1", "2", "--epochs", "40",
+            "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(out)]
+    start_and_kill(args, lambda: (out / "results.jsonl").exists())
+    assert [r["seed"] for r in kyg.read_results(str(out))] == [1]  # seed 1 whole, seed 2 not half-written
+    assert run_kyg(*args).returncode == 0
+    assert [r["seed"] for r in kyg.read_results(str(out))] == [1, 2]
+
+
+def test_a_rerun_with_other_settings_is_refused(tiny, tmp_path):
+    args = ["prime", "--method", "meta", "--steps", "2", "--support-size", "8", "--query-size", "8",
+            "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(tmp_path / "m")]
+    kyg.main(args)
+    kyg.main(args)  # the same settings: skipped
+    with pytest.raises(SystemExit, match=r"kyg: error: \S+ was made with --steps 2, not 3; rerun with the same"):
+        kyg.main(args + ["--steps", "3"])
+
+
+def bad_input(tiny, tmp_path, case):
+    """(arguments, what the one error line must say) for each kind of bad input."""
+    common = ["--model", tiny["model"], "--data-dir", tiny["data"]]
+    tune = ["finetune", "--method", "adapter", "--lang", "hi", "--out", str(tmp_path / "r"), *common]
+    if case == "a damaged primed model":
+        kyg.main(["prime", "--method", "meta", "--steps", "1", "--support-size", "8", "--query-size", "8",
+                  "--out", str(tmp_path / "m"), *common])
+        weights = tmp_path / "m" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    if case == "an init from another model":
+        other = M.write_tiny_model(str(tmp_path / "other"), D.TINY_SYLLABLES, seed=1)
+        kyg.main(["prime", "--method", "meta", "--steps", "1", "--support-size", "8", "--query-size", "8",
+                  "--out", str(tmp_path / "m"), "--model", other, "--data-dir", tiny["data"]])
+    if case in ("a malformed results line", "a results file of another format"):
+        os.makedirs(tmp_path / "r")
+        line = '{"priming": "none", "method": "adapter", "lang": "hi", "seed": 1, "test_f1": 5' + \
+            ("" if case == "a malformed results line" else ', "format": 99}')
+        (tmp_path / "r" / "results.jsonl").write_text(line + "\n")
+    return {
+        "init is not a primed model": (tune + ["--init", os.path.join(HERE, "README.md")], "is a file, not a primed"),
+        "a damaged primed model": (tune + ["--init", str(tmp_path / "m")], "model.safetensors is damaged"),
+        "an init from another model": (tune + ["--init", str(tmp_path / "m")], "was primed from"),
+        "zero epochs": (tune + ["--epochs", "0"], "argument --epochs: must be above 0"),
+        "zero batch size": (tune + ["--batch-size", "0"], "argument --batch-size: must be above 0"),
+        "a negative learning rate": (tune + ["--lr", "-1"], "argument --lr: must be above 0"),
+        "zero training sentences": (tune + ["--max-train", "0"], "argument --max-train: must be above 0"),
+        "zero priming steps": (["prime", "--method", "meta", "--steps", "0", "--out", str(tmp_path / "p"), *common],
+                               "argument --steps: must be above 0"),
+        "a malformed results line": (tune, "results.jsonl, line 1, is not a JSON record"),
+        "a results file of another format": (["table", str(tmp_path / "r")], "is not a kyg result of format 2"),
+    }[case]
+
+
+@pytest.mark.parametrize("case", ["init is not a primed model", "a damaged primed model", "an init from another model",
+                                  "zero epochs", "zero batch size", "a negative learning rate",
+                                  "zero training sentences", "zero priming steps", "a malformed results line",
+                                  "a results file of another format"])
+def test_bad_input_is_one_error_line(tiny, tmp_path, case):
+    args, says = bad_input(tiny, tmp_path, case)
+    result = run_kyg(*args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("kyg: error: ") and says in lines[0] and "; " in lines[0], lines[0]
 
 
 def test_live_trunk_is_only_for_a_frozen_trunk(tiny, tmp_path):
@@ -372,7 +543,8 @@ def test_benchmark_runs_and_reports_every_ratio():
     import bench
     text = bench.main(["--small", "--repeats", "1", "--batch-size", "4", "--device", "cpu"])
     for line in ("ft step", "meta cached", "maml", "meta cached ÷ (2 × (forward + ft step))",
-                 "meta full ÷ meta cached", "maml ÷ meta cached"):
+                 "meta full ÷ meta cached", "maml ÷ meta cached", "2nd cached ÷ meta cached",
+                 "2nd full ÷ 2nd cached"):
         assert line in text
 
 
@@ -393,7 +565,7 @@ def test_training_on_stored_trunk_features_is_exact_without_dropout(tiny, tmp_pa
     json.dump(config, open(tmp_path / "m" / "config.json", "w"))
     common = ["finetune", "--method", "adapter", "--lang", "hi", "--epochs", "2", "--model", str(tmp_path / "m"),
               "--data-dir", tiny["data"], "--out", str(tmp_path / "r")]
-    weights = lambda: torch.load(tmp_path / "r" / "weights" / "none-adapter-hi-s1.pt", weights_only=True)["state"]
+    weights = lambda: M.load_tensors(str(tmp_path / "r" / "weights" / "none-adapter-hi-s1.safetensors"))[0]
     kyg.main(common)
     from_stored = weights()
     kyg.main(common + ["--live-trunk"])
