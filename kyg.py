@@ -32,7 +32,8 @@ INNER_LR = {"meta": 0.03, "maml": 1e-4}  # α, §4.2; the MAML loop needs 1e-4 (
 META_LR = 5e-5                         # β, AdamW with a linear schedule, §4.2
 BOTTLENECK = 64                        # §4.2
 SUPPORT_SIZE, QUERY_SIZE = 32, 32      # sentences in 𝒟tr and 𝒟ts of one task (ours)
-FINETUNE_LR = {"full": 5e-5, "head": 1e-3, "adapter": 1e-3}  # ours
+FINETUNE_LR = {"full": 5e-5, "head": 1e-3, "adapter": 1e-3}  # ours; `--lr A B C` tries several
+FINETUNE_SCHEDULE = {"full": "linear", "head": "constant", "adapter": "constant"}  # ours, chosen on dev
 EPOCHS = 5                             # ours; the epoch is chosen on dev F1
 BATCH_SIZE = 32                        # ours
 MAX_LENGTH = 128                       # sub-words the model sees (ours); scoring uses every word
@@ -49,9 +50,11 @@ PAPER_TABLE1 = {
 }
 ROW_NAMES = {1: "Full FT", 2: "HT", 3: "AT", 4: "Meta Priming → AT", 5: "FT Priming → AT",
              6: "MP [MAML Loop] → AT", 7: "MP [1 Inner Step] → AT"}
-# Rows the paper does not have: 4 and 7 primed with the exact meta-gradient (meta.py, second order).
-SECOND_ORDER_ROWS = {f"{row}/{ROW_NAMES[row]} [second order]": (f"{PAPER_TABLE1[row][0]}-2nd", "adapter")
-                     for row in (4, 7)}
+# Rows the paper does not have: 5b, the control for 4 > 5 (FT priming whose heads learn at the
+# head-tuning rate, not at β), and 4 and 7 primed with the exact meta-gradient (meta.py).
+FT_HEAD_LR = 1e-3
+EXTRA_ROWS = {f"5b/FT Priming, heads at {FT_HEAD_LR:g} → AT": (f"ft-head{FT_HEAD_LR:g}", "adapter"),
+              **{f"{row}/{ROW_NAMES[row]} [second order]": (f"{PAPER_TABLE1[row][0]}-2nd", "adapter") for row in (4, 7)}}
 # The paper's claims, checked per language: (claim, better (priming, fine-tuning), worse). Table 1's
 # orderings by row number, then Figure 3's (§5.3): before full fine-tuning, a MAML inner loop beats
 # the PE one (in all but lt and et, the paper says), and either priming beats none.
@@ -59,13 +62,18 @@ ORDERINGS = [(f"{better} > {worse}", PAPER_TABLE1[better][:2], PAPER_TABLE1[wors
              [(4, 5), (4, 6), (4, 7), (4, 3), (3, 2)] + [(1, row) for row in range(2, 8)]] + \
             [(f"{better}→full > {worse}→full", (better, "full"), (worse, "full"))
              for better, worse in [("maml", "meta"), ("meta", "none"), ("maml", "none")]] + \
-            [("4 > 7 [second order]", *SECOND_ORDER_ROWS.values())]
+            [("4 > 5b", PAPER_TABLE1[4][:2], EXTRA_ROWS[next(iter(EXTRA_ROWS))]),
+             ("4 > 7 [second order]", *list(EXTRA_ROWS.values())[1:])]
 # What makes two fine-tuning runs the same run (a rerun skips it); the device does not.
-RUN_KEY = ("model", "data_dir", "init", "method", "lang", "seed", "max_train", "max_eval", "max_length",
-           "epochs", "lr", "batch_size", "bottleneck", "cached_trunk")
+RUN_KEY = ("model", "data_dir", "init", "method", "lang", "seed", "max_train", "max_eval", "max_dev", "max_length",
+           "epochs", "lr", "batch_size", "bottleneck", "cached_trunk", "schedule", "adapter_init")
 # What makes two primings the same priming: a rerun resumes or skips it, and refuses other settings.
 PRIMING_SETTINGS = ("method", "second_order", "model", "data_dir", "source", "steps", "inner_steps", "inner_lr",
-                    "meta_lr", "support_size", "query_size", "bottleneck", "max_train", "max_length", "seed")
+                    "meta_lr", "head_lr", "support_size", "query_size", "bottleneck", "max_train", "max_length",
+                    "seed", "adapter_init")
+# How a fresh adapter starts (model.Adapter), recorded with every priming and run. Before
+# "identity" (up = 0, down at PyTorch's default), both projections were N(0, 1e-3): results/.
+ADAPTER_INIT = "identity"
 RESULTS_FORMAT = 2  # of OUT/results.jsonl's records; 2: --init names a primed model directory
 SAVE_MINUTES = 10   # the resumable state of a priming is saved this often by default
 FIGURE4_PRIMING, FIGURE4_FINETUNING = ("meta", "maml", "none"), ("adapter", "full")
@@ -123,6 +131,7 @@ def parser():
     q.add_argument("--inner-steps", type=count, default=INNER_STEPS, help="S")
     q.add_argument("--inner-lr", type=rate, help="α (default 0.03 for meta, 1e-4 for maml)")
     q.add_argument("--meta-lr", type=rate, default=META_LR, help="β")
+    q.add_argument("--head-lr", type=rate, help="ft only: the heads' learning rate (default: β, like θp and θa)")
     q.add_argument("--support-size", type=count, default=SUPPORT_SIZE)
     q.add_argument("--query-size", type=count, default=QUERY_SIZE)
     q.add_argument("--bottleneck", type=count, default=BOTTLENECK)
@@ -139,9 +148,11 @@ def parser():
     q.add_argument("--lang", nargs="+", required=True, help="one run per language and seed")
     q.add_argument("--seed", type=int, nargs="+", default=[1])
     q.add_argument("--epochs", type=count, default=EPOCHS)
-    q.add_argument("--lr", type=rate, help="default: 5e-5 full, 1e-3 head and adapter")
+    q.add_argument("--lr", type=rate, nargs="+", help="default: 5e-5 full, 1e-3 head and adapter; several: "
+                   "one run each, and `table` keeps the one with the best dev F1 per row and language")
     q.add_argument("--bottleneck", type=count, default=BOTTLENECK)
     q.add_argument("--max-eval", type=count, help="score only the first N dev and test sentences")
+    q.add_argument("--max-dev", type=count, help="score only the first N dev sentences (over --max-eval)")
     q.add_argument("--live-trunk", action="store_true",
                    help="head/adapter: run the frozen encoder (with its dropout) at every step instead of "
                         "training on its eval-mode outputs computed once; ~30x slower on a CPU, and F1 "
@@ -217,13 +228,16 @@ def append_result(directory, record):
 
 
 def priming_label(priming):
-    """How a model was primed, as Table 1 names it: none, meta, ft, maml, or meta-S1 (S ≠ 5); with
-    the exact meta-gradient, -2nd after it (meta-2nd, meta-S1-2nd)."""
+    """How a model was primed, as Table 1 names it: none, meta, ft, maml, or meta-S1 (S ≠ 5); then
+    -head<lr> for FT priming with its own head learning rate (ft-head0.001, row 5b), and -2nd for
+    the exact meta-gradient (meta-2nd, meta-S1-2nd). Priming seeds share a label: their runs pool."""
     if priming is None:
         return "none"
     label = priming["method"]
     if priming["method"] != "ft" and priming["inner_steps"] != INNER_STEPS:
         label += f"-S{priming['inner_steps']}"
+    if priming.get("head_lr"):
+        label += f"-head{priming['head_lr']:g}"
     return label + ("-2nd" if priming.get("second_order") else "")
 
 
@@ -239,7 +253,10 @@ def prime(args):
         raise KygError(f"--out {args.out} is a file; priming writes a directory: pass a new path")
     if args.second_order and args.method != "meta":
         raise KygError(f"--second-order is for --method meta (the PE inner loop); drop it for {args.method}")
+    if args.head_lr and args.method != "ft":
+        raise KygError(f"--head-lr is for --method ft (meta and maml train heads in the inner loop, at α)")
     args.inner_lr = args.inner_lr if args.inner_lr is not None else INNER_LR.get(args.method, 0.0)
+    args.adapter_init = ADAPTER_INIT
     settings = {k: getattr(args, k) for k in PRIMING_SETTINGS}
     state_path = os.path.join(args.out, M.PRIMING_STATE)
     if os.path.isfile(os.path.join(args.out, M.PRIMING_RECORD)):
@@ -256,7 +273,7 @@ def prime(args):
                for lang in args.source}
     sampler = TaskSampler(sources, args.support_size, args.query_size, args.seed)
     steps = settings["steps"] = args.steps or sampler.steps_per_pass()
-    optimizer, scheduler = priming_optimizer(model, args.method, args.meta_lr, steps)
+    optimizer, scheduler = priming_optimizer(model, args.method, args.meta_lr, steps, args.head_lr)
     history = {"loss": [], "support_loss": [], "seconds": 0.0}
     if saved:
         history = M.restore_priming_state(*saved, model, optimizer, scheduler, sampler)["history"]
@@ -295,7 +312,7 @@ def prime(args):
     if os.path.isfile(state_path):
         os.remove(state_path)
     inner = "" if curve is None else f", support loss over the inner steps {' > '.join(f'{x:.3f}' for x in curve)}"
-    print(f"kyg: primed ({args.method}, {steps} steps, {priming['seconds']} s, query loss "
+    print(f"kyg: primed ({priming_label(priming)}, {steps} steps, {priming['seconds']} s, query loss "
           f"{losses[0]:.3f} -> {losses[-1]:.3f}{inner}) -> {args.out}")
 
 
@@ -322,25 +339,26 @@ def finetune(args):
                        f"pass --model {primed_from}")
     # Recorded as `cached_trunk`: whether training ran on stored features of the frozen trunk.
     args.cached_trunk = args.method != "full" and not args.live_trunk
+    args.schedule, args.adapter_init = FINETUNE_SCHEDULE[args.method], ADAPTER_INIT
     key = lambda c: tuple(c.get(k) for k in RUN_KEY)
-    total, number = len(args.lang) * len(args.seed), 0
-    for lang in args.lang:
-        reused = {}  # the same for every seed of a language: tokenised splits, frozen-trunk features
-        for seed in args.seed:
-            number += 1
-            config = {**{k: v for k, v in vars(args).items()
-                         if k not in ("command", "device", "out", "no_save", "live_trunk")},
-                      "lang": lang, "seed": seed}
-            if any(key(r.get("config", {})) == key(config) for r in read_results(args.out)):
-                print(f"kyg: run {number} of {total}: {args.method} on {lang}, seed {seed}, init "
-                      f"{args.init or 'none'}: already in {args.out}/results.jsonl, skipped")
-            else:
-                finetune_one(args, lang, seed, config, reused, f"run {number} of {total}")
+    runs = [(lang, lr, seed) for lang in args.lang for lr in args.lr or [None] for seed in args.seed]
+    reused = {}  # the same for every seed and rate of a language: tokenised splits, frozen-trunk features
+    for number, (lang, lr, seed) in enumerate(runs, 1):
+        if reused.get("lang") != lang:
+            reused = {"lang": lang}
+        config = {**{k: v for k, v in vars(args).items() if k not in ("command", "device", "out", "no_save", "live_trunk")},
+                  "lang": lang, "lr": lr, "seed": seed}
+        label = f"run {number} of {len(runs)}"
+        if any(key(r.get("config", {})) == key(config) for r in read_results(args.out)):
+            print(f"kyg: {label}: {args.method} on {lang}, lr {lr or 'default'}, seed {seed}, init "
+                  f"{args.init or 'none'}: already in {args.out}/results.jsonl, skipped")
+        else:
+            finetune_one(args, lang, lr or FINETUNE_LR[args.method], seed, config, reused, label)
 
 
-def finetune_one(args, lang, seed, config, reused, run_label):
-    """Fine-tune θ of --method on `lang`, choose the epoch on dev F1, report dev and test F1.
-    `reused` carries what does not depend on the seed from one seed's run to the next."""
+def finetune_one(args, lang, lr, seed, config, reused, run_label):
+    """Fine-tune θ of --method on `lang` at `lr`, choose the epoch on dev F1, report dev and test F1.
+    `reused` carries what depends on neither seed nor rate from one run to the next."""
     import torch
     import model as M
     from torch.nn.utils.rnn import pad_sequence
@@ -360,13 +378,15 @@ def finetune_one(args, lang, seed, config, reused, run_label):
 
     if "splits" not in reused:
         split = lambda name, cap: encode(load_split(lang, name, args.data_dir, cap), tokenizer, args.max_length)
-        reused["splits"] = split("train", args.max_train), split("dev", args.max_eval), split("test", args.max_eval)
+        reused["splits"] = (split("train", args.max_train), split("dev", args.max_dev or args.max_eval),
+                            split("test", args.max_eval))
     train, dev, test = reused["splits"]
     to_device = to_device_fn(tokenizer, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr or FINETUNE_LR[args.method], fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
     steps = args.epochs * math.ceil(len(train) / args.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # a linear decay to 0, or constant
+        optimizer, lambda step: 1 - step / steps if args.schedule == "linear" else 1.0)
     rng = random.Random(seed)
 
     # With θp frozen (head and adapter tuning), f(x; θp) is the same in every epoch: dev and test are
@@ -431,12 +451,13 @@ def finetune_one(args, lang, seed, config, reused, run_label):
     model.load_state_dict(state, strict=False)
     test_f1 = evaluate(test, test_features)
 
-    name = f"{priming_label(priming)}-{args.method}-{lang}-s{seed}"
+    primed_seed = f"-p{priming['seed']}" if priming and priming["seed"] != 1 else ""
+    name = f"{priming_label(priming)}{primed_seed}-{args.method}-{lang}-lr{lr:g}-s{seed}"
     saved_bytes = sum(t.numel() * t.element_size() for t in state.values())
     if not args.no_save:
         M.save_tensors(state, os.path.join(args.out, "weights", f"{name}.safetensors"),
                        {"method": args.method, "lang": lang, "init": args.init})
-    record = {"priming": priming_label(priming), "method": args.method, "lang": lang, "seed": seed,
+    record = {"priming": priming_label(priming), "method": args.method, "lang": lang, "lr": lr, "seed": seed,
               "dev_f1": round(dev_f1, 2), "test_f1": round(test_f1, 2), "best_epoch": best_epoch,
               "trainable_params": trained, "total_params": total, "trainable_fraction": trained / total,
               "saved_bytes": saved_bytes, "seconds": round(time.time() - started, 1),
@@ -454,9 +475,13 @@ def table(args):
     if not results:
         from data import KygError
         raise KygError(f"no results in {args.dir}/results.jsonl: run `kyg.py finetune --out {args.dir}` first")
-    scores = {}
+    runs = {}  # (priming, method, lang) -> {lr: [record]}; with several rates, dev F1 picks one
     for r in results:
-        scores.setdefault((r["priming"], r["method"], r["lang"]), []).append(r["test_f1"])
+        runs.setdefault((r["priming"], r["method"], r["lang"]), {}).setdefault(r.get("lr"), []).append(r)
+    best_lr = {key: max(by_lr, key=lambda lr: statistics.mean(r.get("dev_f1", 0) for r in by_lr[lr]))
+               for key, by_lr in runs.items()}
+    chosen = {key: runs[key][lr] for key, lr in best_lr.items()}
+    scores = {key: [r["test_f1"] for r in records] for key, records in chosen.items()}
     langs = [l for l in TARGET_LANGS if any(k[2] == l for k in scores)] + \
         sorted({k[2] for k in scores} - set(TARGET_LANGS))
     stat = lambda key: (statistics.mean(scores[key]), statistics.stdev(scores[key]) if len(scores[key]) > 1 else 0.0,
@@ -468,7 +493,7 @@ def table(args):
            "| row | " + " | ".join(langs) + " | average |", "|---|" + "---|" * (len(langs) + 1)]
     cell = lambda s: "–" if not s else f"{s[0]:.2f} ({s[2]})" if s[2] == 1 else f"{s[0]:.2f} ± {s[1]:.2f} ({s[2]})"
     rows = [(f"{row}/{ROW_NAMES[row]}", priming, method, paper) for row, (priming, method, paper) in PAPER_TABLE1.items()]
-    rows += [(name, priming, method, {}) for name, (priming, method) in SECOND_ORDER_ROWS.items()
+    rows += [(name, priming, method, {}) for name, (priming, method) in EXTRA_ROWS.items()
              if any(key[:2] == (priming, method) for key in scores)]  # only where they were run
     for name, priming, method, paper in rows:
         cells, ours, theirs = [], [], []
@@ -483,6 +508,28 @@ def table(args):
         if ours and len(ours) < comparable:  # an average over fewer languages than the other rows'
             average += f" ({len(ours)} of {comparable} languages)"
         out.append(f"| {name} | " + " | ".join(cells) + f" | {average} |")
+
+    header = lambda first: [f"| {first} | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs)]
+    pairs = sorted({key[:2] for key in runs})
+    if any(len(by_lr) > 1 for by_lr in runs.values()):
+        out += ["\n## Learning rate chosen on dev\n", "The rate with the best mean dev F1 over its runs, of the "
+                "n rates tried: rate (n). The table shows that rate's test F1.\n"] + header("priming → fine-tuning")
+        out += [f"| {p} → {m} | " + " | ".join(f"{best_lr[p, m, l]:g} ({len(runs[p, m, l])})" if (p, m, l) in runs
+                                                else "–" for l in langs) + " |" for p, m in pairs]
+    priming_seed = lambda r: (r.get("priming_config") or {}).get("seed")
+    pooled = [pair for pair in pairs if any(len({priming_seed(r) for r in chosen[key]}) > 1
+                                            for key in chosen if key[:2] == pair)]
+    if pooled:
+        out += ["\n## Priming seeds\n", "Test F1 per priming seed p (mean over fine-tuning seeds). The table's "
+                "cells pool them, so their std holds the spread of both.\n"] + header("priming → fine-tuning")
+        for p, m in pooled:
+            cells = []
+            for l in langs:
+                by_seed = {}
+                for r in chosen.get((p, m, l), []):
+                    by_seed.setdefault(priming_seed(r), []).append(r["test_f1"])
+                cells.append(", ".join(f"p{s}: {statistics.mean(v):.2f}" for s, v in sorted(by_seed.items())) or "–")
+            out.append(f"| {p} → {m} | " + " | ".join(cells) + " |")
 
     out += ["\n## Figure 3: full fine-tuning after each priming\n",
             "Test F1, mean ± std over seeds (n). The paper gives these as bars only, without numbers.\n",

@@ -148,12 +148,15 @@ def fine_tune_step(model, optimizer, scheduler, tasks):
     return total
 
 
-def priming_optimizer(model, method, meta_lr, steps):
-    """Alg. 1, line 14's optimizer: AdamW at β over θp ∪ θa (for "ft", setting 5, θh too), its
-    learning rate decaying linearly to 0 over `steps` (§4.2). Returns (optimizer, scheduler)."""
-    trained = ("pretrained", "adapter", "head") if method == "ft" else ("pretrained", "adapter")
-    params = list(named_params(model, *trained).values())
-    optimizer = torch.optim.AdamW(params, lr=meta_lr, fused=params[0].is_cuda)
+def priming_optimizer(model, method, meta_lr, steps, head_lr=None):
+    """Alg. 1, line 14's optimizer: AdamW at β over θp ∪ θa (for "ft", setting 5, θh too, at
+    `head_lr` when given), its learning rate decaying linearly to 0 over `steps` (§4.2).
+    Returns (optimizer, scheduler)."""
+    params = list(named_params(model, "pretrained", "adapter").values())
+    groups = [{"params": params}]
+    if method == "ft":
+        groups.append({"params": list(named_params(model, "head").values()), "lr": head_lr or meta_lr})
+    optimizer = torch.optim.AdamW(groups, lr=meta_lr, fused=params[0].is_cuda)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
 
 

@@ -31,16 +31,17 @@ GROUPS = ("pretrained", "adapter", "head")
 class Adapter(nn.Module):
     """g(·; θa), Houlsby et al.'s bottleneck: x + up(relu(down(x))).   [B, T, H] -> [B, T, H]
 
-    Both projections start small (std 1e-3), so a fresh adapter is nearly the identity and a fresh
-    model starts from the pretrained encoder's features, as Houlsby et al. recommend."""
+    A fresh adapter is exactly the identity, so a fresh model starts from the pretrained encoder's
+    features (Houlsby et al.'s aim): `up` starts at zero, as LoRA's B does. `down` keeps PyTorch's
+    default init, so that up's gradient, which flows through relu(down(x)), is not tiny from the
+    first step; with both projections near zero, each one's gradient is scaled by the other."""
 
     def __init__(self, hidden_size, bottleneck):
         super().__init__()
         self.down = nn.Linear(hidden_size, bottleneck)
         self.up = nn.Linear(bottleneck, hidden_size)
-        for layer in (self.down, self.up):
-            nn.init.normal_(layer.weight, std=1e-3)
-            nn.init.zeros_(layer.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
 
     def forward(self, x):
         return x + self.up(F.relu(self.down(x)))

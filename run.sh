@@ -1,28 +1,38 @@
 #!/usr/bin/env bash
 # run.sh: the whole paper in one command, resumable.
 #
-#   bash run.sh          every row of Table 1 for the six target languages and the Figure 3/4
-#                        matrix (priming {meta, maml, none} x fine-tuning {adapter, full}),
-#                        priming on en + es, then the table beside the paper's (OUT/table.md)
-#   bash run.sh smoke    the same pipeline end to end on a tiny BERT and tiny data that it makes
-#                        itself: offline, a few minutes on 2 CPU cores, numbers that mean nothing
+#   bash run.sh              every row of Table 1 for the six target languages, rows 5b (the control
+#                            for 4 > 5) and 4 and 7 with the exact meta-gradient, and the Figure 3/4
+#                            matrix (priming {meta, maml, none} x fine-tuning {adapter, full}),
+#                            priming on en + es, then the table beside the paper's (OUT/table.md)
+#   bash run.sh small        the same at 1/20 of the paper's data: 1,000 training sentences per
+#                            language, 40 priming steps, 300 dev and test sentences, 20 epochs
+#                            (results/small: rows 2-7 and 5b, four rates, two priming seeds)
+#   bash run.sh paper-scale  the paper's data: every sentence, one priming pass (312 steps), dev
+#                            capped at 1,000 (results/paper-scale: rows 2-7 and 5b, as small)
+#   bash run.sh smoke        the pipeline end to end on a tiny BERT and tiny data that it makes
+#                            itself: offline, a few minutes on 2 CPU cores, numbers that mean nothing
 #
-# Settings, from the environment (defaults in brackets):
+# Settings, from the environment (defaults in brackets; a preset changes some defaults):
 #   KYG_MODEL        hub name or local model directory   [bert-base-multilingual-cased]
 #   KYG_DATA_DIR     local WikiAnn, {lang}/{train,dev,test}.tsv   [the hub]
 #   KYG_DEVICE       cuda or cpu                          [cuda when present]
+#   KYG_ROWS         what to run: 1-7, 5b, 4-2nd, 7-2nd, fig3-meta, fig3-maml   [all]
 #   KYG_SEEDS        fine-tuning seeds                    [1 2 3]
+#   KYG_PRIME_SEEDS  priming seeds of rows 4 and 5 (every other priming uses seed 1)   [1]
+#   KYG_LRS          head- and adapter-tuning rates; several: chosen on dev   [kyg.py's default]
 #   KYG_LANGS        target languages                     [hi af az lt et nl]
 #   KYG_OUT          results directory                    [runs/paper]
 #   KYG_MAX_TRAIN    training sentences per language, priming and fine-tuning alike   [all]
 #   KYG_MAX_EVAL     dev and test sentences scored        [all]
+#   KYG_MAX_DEV      dev sentences scored (over KYG_MAX_EVAL)   [all]
 #   KYG_PRIME_STEPS  meta-steps of each priming           [one pass over the smaller source set]
 #   KYG_EPOCHS       fine-tuning epochs                   [5]
 #   KYG_LIVE_TRUNK   1: head and adapter tuning run the frozen encoder at every step (kyg.py
 #                    finetune --live-trunk) instead of training on its features computed once   [0]
 #
 # Time: the full run with mBERT on one GPU has not been measured yet (no GPU was lent to the
-# session that wrote this); see README.md, "Performance", for what has been measured.
+# sessions that wrote this); see README.md, "Performance", for what has been measured.
 #
 # Resumable: primed models and results are written atomically, and a rerun skips every finished
 # priming and every fine-tuning run already in OUT/results.jsonl; a priming that was stopped
@@ -30,83 +40,77 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-MODEL=${KYG_MODEL:-bert-base-multilingual-cased}
-DATA_DIR=${KYG_DATA_DIR:-}
-SEEDS=${KYG_SEEDS:-1 2 3}
-LANGS=${KYG_LANGS:-hi af az lt et nl}
-OUT=${KYG_OUT:-runs/paper}
-EPOCHS=${KYG_EPOCHS:-5}
-PRIME=()
-FINETUNE=(--epochs "$EPOCHS")
+ALL_ROWS="2 3 4 5 5b 7 6 4-2nd 7-2nd 1 fig3-meta fig3-maml"  # cheapest first: PE rows arrive early
+case "${1:-}" in
+    "") OUT=${KYG_OUT:-runs/paper} ;;
+    smoke)
+        OUT=${KYG_OUT:-runs/smoke}
+        python kyg.py tiny "$OUT/tiny"
+        KYG_MODEL=$OUT/tiny/model KYG_DATA_DIR=$OUT/tiny/data KYG_SEEDS=${KYG_SEEDS:-1 2}
+        KYG_PRIME_STEPS=8 KYG_EPOCHS=2 KYG_PRIME_SEEDS=${KYG_PRIME_SEEDS:-1 2} KYG_LRS=${KYG_LRS:-1e-3 1e-2}
+        SMOKE=(--support-size 8 --query-size 8)
+        export HF_HUB_OFFLINE=1 ;;
+    small)
+        OUT=${KYG_OUT:-results/small} KYG_ROWS=${KYG_ROWS:-2 3 4 5 5b 7 6}
+        KYG_MAX_TRAIN=${KYG_MAX_TRAIN:-1000} KYG_MAX_EVAL=${KYG_MAX_EVAL:-300} KYG_PRIME_STEPS=${KYG_PRIME_STEPS:-40}
+        KYG_EPOCHS=${KYG_EPOCHS:-20} KYG_LRS=${KYG_LRS:-1e-3 3e-3 1e-2 3e-2} KYG_PRIME_SEEDS=${KYG_PRIME_SEEDS:-1 2} ;;
+    paper-scale)
+        OUT=${KYG_OUT:-results/paper-scale} KYG_ROWS=${KYG_ROWS:-2 3 4 5 5b 7 6}
+        KYG_MAX_DEV=${KYG_MAX_DEV:-1000} KYG_LRS=${KYG_LRS:-1e-3 3e-3 1e-2 3e-2} KYG_PRIME_SEEDS=${KYG_PRIME_SEEDS:-1 2} ;;
+    *) echo "usage: bash run.sh [small | paper-scale | smoke]" >&2; exit 2 ;;
+esac
 
-if [[ "${1:-}" == smoke ]]; then
-    OUT=${KYG_OUT:-runs/smoke}
-    python kyg.py tiny "$OUT/tiny"
-    MODEL=$OUT/tiny/model DATA_DIR=$OUT/tiny/data SEEDS=${KYG_SEEDS:-1 2}
-    PRIME=(--steps 8 --support-size 8 --query-size 8)
-    FINETUNE=(--epochs 2)
-    export HF_HUB_OFFLINE=1
-elif [[ -n "${1:-}" ]]; then
-    echo "usage: bash run.sh [smoke]" >&2
-    exit 2
-fi
-
-COMMON=(--model "$MODEL")
-[[ -n "$DATA_DIR" ]] && COMMON+=(--data-dir "$DATA_DIR")
+COMMON=(--model "${KYG_MODEL:-bert-base-multilingual-cased}")
+[[ -n "${KYG_DATA_DIR:-}" ]] && COMMON+=(--data-dir "$KYG_DATA_DIR")
 [[ -n "${KYG_DEVICE:-}" ]] && COMMON+=(--device "$KYG_DEVICE")
 [[ -n "${KYG_MAX_TRAIN:-}" ]] && COMMON+=(--max-train "$KYG_MAX_TRAIN")
-[[ -n "${KYG_MAX_EVAL:-}" ]] && FINETUNE+=(--max-eval "$KYG_MAX_EVAL")
+PRIME=("${SMOKE[@]}")
 [[ -n "${KYG_PRIME_STEPS:-}" ]] && PRIME+=(--steps "$KYG_PRIME_STEPS")
+FINETUNE=(--epochs "${KYG_EPOCHS:-5}")
+[[ -n "${KYG_MAX_EVAL:-}" ]] && FINETUNE+=(--max-eval "$KYG_MAX_EVAL")
+[[ -n "${KYG_MAX_DEV:-}" ]] && FINETUNE+=(--max-dev "$KYG_MAX_DEV")
 PE_TUNING=()
+[[ -n "${KYG_LRS:-}" ]] && PE_TUNING+=(--lr $KYG_LRS)
 [[ "${KYG_LIVE_TRUNK:-0}" == 1 ]] && PE_TUNING+=(--live-trunk)
-mkdir -p "$OUT/primed"
 
-# The stages, cheapest comparisons first, so that on slow hardware the parameter-efficient rows
-# (and 4 vs 3, the paper's main claim) arrive early; full fine-tuning, the costliest, comes last.
-#   name        what it runs
-STAGES=(
-    "row2       finetune none head"
-    "row3       finetune none adapter"
-    "prime-meta prime meta"
-    "row4       finetune meta adapter"
-    "prime-ft   prime ft"
-    "row5       finetune ft adapter"
-    "prime-S1   prime meta-S1"
-    "row7       finetune meta-S1 adapter"
-    "prime-maml prime maml"
-    "row6       finetune maml adapter"
-    "prime-2nd  prime meta-2nd"
-    "row4-2nd   finetune meta-2nd adapter"
-    "prime-S1-2nd prime meta-S1-2nd"
-    "row7-2nd   finetune meta-S1-2nd adapter"
-    "row1       finetune none full"
-    "fig3-meta  finetune meta full"
-    "fig3-maml  finetune maml full"
-)
+# Each row: the priming it starts from (a label, as kyg.py's table names it) and the fine-tuning.
+declare -A ROW=([1]="none full" [2]="none head" [3]="none adapter" [4]="meta adapter" [5]="ft adapter"
+                [5b]="ft-head0.001 adapter" [6]="maml adapter" [7]="meta-S1 adapter" [4-2nd]="meta-2nd adapter"
+                [7-2nd]="meta-S1-2nd adapter" [fig3-meta]="meta full" [fig3-maml]="maml full")
+
+prime() {  # prime LABEL SEED -> the primed model directory, primed first unless it is finished
+    local dir=$OUT/primed/$1 flags=()
+    [[ $2 != 1 ]] && dir+=-seed$2
+    [[ $1 == *-S1* ]] && flags+=(--inner-steps 1)                  # the label says how: S = 1,
+    [[ $1 == *-head* ]] && flags+=(--head-lr "${1#*-head}")        # FT priming's head rate,
+    [[ $1 == *-2nd ]] && flags+=(--second-order)                   # the exact meta-gradient
+    python kyg.py prime --method "${1%%-*}" --seed "$2" "${flags[@]}" "${PRIME[@]}" "${COMMON[@]}" --out "$dir" >&2
+    echo "$dir"
+}
+
+ROWS=(${KYG_ROWS:-$ALL_ROWS})
 started=$SECONDS
-for i in "${!STAGES[@]}"; do
-    read -r name kind priming method <<< "${STAGES[$i]}"
+for i in "${!ROWS[@]}"; do
+    row=${ROWS[$i]}
+    [[ -n "${ROW[$row]:-}" ]] || { echo "run.sh: unknown row '$row' in KYG_ROWS; use some of: $ALL_ROWS" >&2; exit 2; }
+    read -r priming method <<< "${ROW[$row]}"
     elapsed=$((SECONDS - started))
-    eta=$([[ $i -gt 0 ]] && echo "$((elapsed * (${#STAGES[@]} - i) / i / 60)) min" || echo "?")
-    echo "== run.sh: stage $((i + 1)) of ${#STAGES[@]}: $name ($((elapsed / 60)) min so far, ETA $eta)"
-    if [[ $kind == prime ]]; then
-        variant=()  # the label says it: meta-S1 is S = 1, meta-2nd the exact meta-gradient
-        [[ $priming == *-S1* ]] && variant+=(--inner-steps 1)
-        [[ $priming == *-2nd ]] && variant+=(--second-order)
-        python kyg.py prime --method "${priming%%-*}" "${variant[@]}" "${PRIME[@]}" "${COMMON[@]}" \
-            --out "$OUT/primed/$priming"
-    else
+    eta=$([[ $i -gt 0 ]] && echo "$((elapsed * (${#ROWS[@]} - i) / i / 60)) min" || echo "?")
+    echo "== run.sh: row $row ($((i + 1)) of ${#ROWS[@]}): $priming -> $method ($((elapsed / 60)) min so far, ETA $eta)"
+    seeds=1
+    [[ $row == 4 || $row == 5 ]] && seeds=${KYG_PRIME_SEEDS:-1}
+    for seed in $seeds; do
         init=()
-        [[ $priming != none ]] && init=(--init "$OUT/primed/$priming")
+        [[ $priming != none ]] && init=(--init "$(prime "$priming" "$seed")")
         # Full fine-tuning writes no weights: a copy of mBERT per run (~700 MB) is what PE tuning avoids.
         extra=("${PE_TUNING[@]}")
         [[ $method == full ]] && extra=(--no-save)
         # shellcheck disable=SC2086
-        python kyg.py finetune --method "$method" "${init[@]}" --lang $LANGS --seed $SEEDS \
-            "${FINETUNE[@]}" "${extra[@]}" "${COMMON[@]}" --out "$OUT"
-    fi
+        python kyg.py finetune --method "$method" "${init[@]}" --lang ${KYG_LANGS:-hi af az lt et nl} \
+            --seed ${KYG_SEEDS:-1 2 3} "${FINETUNE[@]}" "${extra[@]}" "${COMMON[@]}" --out "$OUT"
+    done
 done
-echo "== run.sh: all ${#STAGES[@]} stages done in $(((SECONDS - started) / 60)) min"
+echo "== run.sh: all ${#ROWS[@]} rows done in $(((SECONDS - started) / 60)) min"
 python kyg.py table "$OUT"
 [[ "${1:-}" == smoke ]] && echo "run.sh smoke: the pipeline ran end to end; its numbers come from a tiny random model and mean nothing."
 exit 0
