@@ -2,6 +2,7 @@
 
     python kyg.py prime --method meta --out primed/meta             # Algorithm 1 on en + es
     python kyg.py finetune --method adapter --init primed/meta --lang hi --out results
+    python kyg.py prime --method meta --pe lora --out primed/meta-lora   # Algorithm 1 for LoRA (or bitfit)
     python kyg.py table results                                      # ours beside Table 1
     python kyg.py tiny DIR        # a tiny BERT and tiny WikiAnn-style data, for offline smoke runs
 
@@ -32,8 +33,10 @@ INNER_LR = {"meta": 0.03, "maml": 1e-4}  # α, §4.2; the MAML loop needs 1e-4 (
 META_LR = 5e-5                         # β, AdamW with a linear schedule, §4.2
 BOTTLENECK = 64                        # §4.2
 SUPPORT_SIZE, QUERY_SIZE = 32, 32      # sentences in 𝒟tr and 𝒟ts of one task (ours)
-FINETUNE_LR = {"full": 5e-5, "head": 1e-3, "adapter": 1e-3}  # ours; `--lr A B C` tries several
-FINETUNE_SCHEDULE = {"full": "linear", "head": "constant", "adapter": "constant"}  # ours, chosen on dev
+FINETUNE_LR = {"full": 5e-5, "head": 1e-3, "adapter": 1e-3,  # ours; `--lr A B C` tries several
+               "lora": 5e-4, "bitfit": 1e-3}                   # Hu et al.'s for a base model; Ben Zaken et al.'s top
+FINETUNE_SCHEDULE = {"full": "linear", "head": "constant", "adapter": "constant",  # chosen on dev for the
+                     "lora": "constant", "bitfit": "constant"}                     # adapter, kept for every PE method
 EPOCHS = 5                             # ours; the epoch is chosen on dev F1
 BATCH_SIZE = 32                        # ours
 MAX_LENGTH = 128                       # sub-words the model sees (ours); scoring uses every word
@@ -68,7 +71,7 @@ ORDERINGS = [(f"{better} > {worse}", PAPER_TABLE1[better][:2], PAPER_TABLE1[wors
 RUN_KEY = ("model", "data_dir", "init", "method", "lang", "seed", "max_train", "max_eval", "max_dev", "max_length",
            "epochs", "lr", "batch_size", "bottleneck", "cached_trunk", "schedule", "adapter_init")
 # What makes two primings the same priming: a rerun resumes or skips it, and refuses other settings.
-PRIMING_SETTINGS = ("method", "second_order", "model", "data_dir", "source", "steps", "inner_steps", "inner_lr",
+PRIMING_SETTINGS = ("method", "pe", "second_order", "model", "data_dir", "source", "steps", "inner_steps", "inner_lr",
                     "meta_lr", "head_lr", "support_size", "query_size", "bottleneck", "max_train", "max_length",
                     "seed", "adapter_init")
 # How a fresh adapter starts (model.Adapter), recorded with every priming and run. Before
@@ -77,7 +80,15 @@ ADAPTER_INIT = "identity"
 RESULTS_FORMAT = 2  # of OUT/results.jsonl's records; 2: --init names a primed model directory
 SAVE_MINUTES = 10   # the resumable state of a priming is saved this often by default
 FIGURE4_PRIMING, FIGURE4_FINETUNING = ("meta", "maml", "none"), ("adapter", "full")
-PRIMING_NAMES = {"meta": "PE inner loop (Alg. 1)", "maml": "MAML inner loop", "none": "no priming"}
+# Priming × fine-tuning matrices, each averaged over the languages: file -> (title, rows, columns).
+# The second, Figure 4 beyond the adapter (LoRA, BitFit), only where such runs exist.
+MATRICES = {"figure4": ("Figure 4: average test F1 over the languages, priming × fine-tuning",
+                        FIGURE4_PRIMING, FIGURE4_FINETUNING),
+            "figure4-pe": ("Figure 4 beyond the adapter: priming with each PE method's inner loop × tuning with "
+                           "each, average test F1 over the languages; the diagonal is priming that knows where "
+                           "it is going", ("meta", "meta-lora", "meta-bitfit", "ft", "none"), ("adapter", "lora", "bitfit"))}
+PRIMING_NAMES = {"meta": "PE inner loop (Alg. 1)", "maml": "MAML inner loop", "none": "no priming",
+                 "meta-lora": "LoRA inner loop", "meta-bitfit": "BitFit inner loop", "ft": "FT priming"}
 
 
 def main(argv=None):
@@ -124,6 +135,9 @@ def parser():
     shared(q)
     q.add_argument("--method", choices=["meta", "ft", "maml"], required=True,
                    help="meta: Algorithm 1; ft: multi-task fine-tuning (setting 5); maml: with the red line")
+    q.add_argument("--pe", choices=["adapter", "lora", "bitfit"], default="adapter",
+                   help="the parameter-efficient method θa belongs to, and so what the inner loop trains (default: "
+                        "the paper's adapter)")
     q.add_argument("--second-order", action="store_true",
                    help="meta only: the exact meta-gradient through the inner steps, not the paper's first order")
     q.add_argument("--source", nargs="+", default=SOURCE_LANGS)
@@ -143,12 +157,13 @@ def parser():
 
     q = sub.add_parser("finetune", help="fine-tune on one target language; append the result to OUT/results.jsonl")
     shared(q)
-    q.add_argument("--method", choices=["full", "head", "adapter"], required=True)
+    q.add_argument("--method", choices=["full", "head", "adapter", "lora", "bitfit"], required=True,
+                   help="what is trained: everything, θh alone, or θh and the θa of a PE method")
     q.add_argument("--init", help="a primed model directory (default: the plain pretrained model)")
     q.add_argument("--lang", nargs="+", required=True, help="one run per language and seed")
     q.add_argument("--seed", type=int, nargs="+", default=[1])
     q.add_argument("--epochs", type=count, default=EPOCHS)
-    q.add_argument("--lr", type=rate, nargs="+", help="default: 5e-5 full, 1e-3 head and adapter; several: "
+    q.add_argument("--lr", type=rate, nargs="+", help="default: 5e-5 full, 5e-4 lora, 1e-3 others; several: "
                    "one run each, and `table` keeps the one with the best dev F1 per row and language")
     q.add_argument("--bottleneck", type=count, default=BOTTLENECK)
     q.add_argument("--max-eval", type=count, help="score only the first N dev and test sentences")
@@ -228,12 +243,13 @@ def append_result(directory, record):
 
 
 def priming_label(priming):
-    """How a model was primed, as Table 1 names it: none, meta, ft, maml, or meta-S1 (S ≠ 5); then
+    """How a model was primed, as Table 1 names it: none, meta, ft, maml, with -lora or -bitfit when
+    its θa was not the adapter, then -S1 (S ≠ 5; row 7); then
     -head<lr> for FT priming with its own head learning rate (ft-head0.001, row 5b), and -2nd for
     the exact meta-gradient (meta-2nd, meta-S1-2nd). Priming seeds share a label: their runs pool."""
     if priming is None:
         return "none"
-    label = priming["method"]
+    label = priming["method"] + (f"-{priming['pe']}" if priming.get("pe", "adapter") != "adapter" else "")
     if priming["method"] != "ft" and priming["inner_steps"] != INNER_STEPS:
         label += f"-S{priming['inner_steps']}"
     if priming.get("head_lr"):
@@ -267,7 +283,7 @@ def prime(args):
     if saved:
         same_settings(saved[1]["settings"], settings, f"the stopped priming in {args.out}")
     device = setup(args, args.seed)
-    model, tokenizer = M.load(args.model, args.source, with_adapter=True, bottleneck=args.bottleneck)
+    model, tokenizer = M.load(args.model, args.source, args.pe, args.bottleneck)
     model.to(device)
     sources = {lang: encode(load_split(lang, "train", args.data_dir, args.max_train), tokenizer, args.max_length)
                for lang in args.source}
@@ -331,14 +347,14 @@ def finetune(args):
     """One fine-tuning run per --lang and --seed; a run already in OUT/results.jsonl is skipped."""
     from data import KygError
     from model import read_priming
-    if args.live_trunk and args.method == "full":
-        raise KygError("--live-trunk is for head and adapter tuning: full fine-tuning always runs the encoder")
+    if args.live_trunk and args.method not in ("head", "adapter"):
+        raise KygError(f"--live-trunk is for head and adapter tuning: {args.method} always runs the encoder")
     primed_from = read_priming(args.init)["model"] if args.init else args.model
     if os.path.normpath(primed_from) != os.path.normpath(args.model):
         raise KygError(f"{args.init} was primed from {primed_from!r}, not from --model {args.model!r}; "
                        f"pass --model {primed_from}")
     # Recorded as `cached_trunk`: whether training ran on stored features of the frozen trunk.
-    args.cached_trunk = args.method != "full" and not args.live_trunk
+    args.cached_trunk = args.method in ("head", "adapter") and not args.live_trunk
     args.schedule, args.adapter_init = FINETUNE_SCHEDULE[args.method], ADAPTER_INIT
     key = lambda c: tuple(c.get(k) for k in RUN_KEY)
     runs = [(lang, lr, seed) for lang in args.lang for lr in args.lr or [None] for seed in args.seed]
@@ -356,21 +372,62 @@ def finetune(args):
             finetune_one(args, lang, lr or FINETUNE_LR[args.method], seed, config, reused, label)
 
 
+def trunk_features(model, examples, to_device, batch_size):
+    """f(x; θp) in eval mode, one [T_i, H] tensor per example."""
+    import torch
+    from data import batches
+    model.eval()
+    features = [None] * len(examples)
+    with torch.no_grad():
+        for chunk in batches(examples, 2 * batch_size):
+            batch = to_device([examples[i] for i in chunk])
+            hidden = model.encode(batch["input_ids"], batch["attention_mask"])
+            for row, i in enumerate(chunk):
+                features[i] = hidden[row, :len(examples[i].input_ids)].clone()
+    return features
+
+
+def logits_and_labels(model, lang, examples, chunk, features, to_device):
+    """(logits [B, T, C], labels [B, T]) of examples[chunk], from stored trunk features if given."""
+    from torch.nn.utils.rnn import pad_sequence
+    batch = to_device([examples[i] for i in chunk])
+    if features is None:
+        return model(lang, batch["input_ids"], batch["attention_mask"]), batch["labels"]
+    return model(lang, hidden=pad_sequence([features[i] for i in chunk], batch_first=True)), batch["labels"]
+
+
+def score(model, examples, features, forward, batch_size):
+    """Entity-level F1 of the model's tags for `examples`, in eval mode."""
+    import torch
+    from data import LABELS, batches, f1, word_tags
+    model.eval()
+    gold, predicted = [], []
+    with torch.no_grad():
+        for chunk in batches(examples, 2 * batch_size):
+            logits = forward(examples, chunk, features)[0].float().cpu()
+            for row, i in enumerate(chunk):
+                gold.append([LABELS[t] for t in examples[i].tags])
+                predicted.append(word_tags(examples[i], logits[row]))
+    return f1(gold, predicted)
+
+
 def finetune_one(args, lang, lr, seed, config, reused, run_label):
     """Fine-tune θ of --method on `lang` at `lr`, choose the epoch on dev F1, report dev and test F1.
     `reused` carries what depends on neither seed nor rate from one run to the next."""
     import torch
     import model as M
-    from torch.nn.utils.rnn import pad_sequence
     from tqdm import tqdm
-    from data import LABELS, batches, encode, f1, load_split, word_tags
+    from data import batches, encode, load_split
     device = setup(args, seed)
-    with_adapter = args.method == "adapter" or args.init is not None
-    model, tokenizer = M.load(args.model, [lang], with_adapter, args.bottleneck)
-    priming = M.load_primed(model, args.init) if args.init else None
-    groups = {"full": ("pretrained", "adapter", "head"), "head": ("head",), "adapter": ("adapter", "head")}[args.method]
-    for name, p in model.named_parameters():
-        p.requires_grad_(M.group_of(name) in groups)
+    priming = M.read_priming(args.init) if args.init else None
+    pe = args.method if args.method in M.PE_METHODS else priming["pe"] if args.method == "full" and priming else None
+    model, tokenizer = M.load(args.model, [lang], pe, args.bottleneck)
+    if args.init:
+        M.load_primed(model, args.init)
+    groups = {"full": ("pretrained", "adapter", "head"), "head": ("head",)}.get(args.method, ("adapter", "head"))
+    trainable = M.named_params(model, *groups)
+    for p in model.parameters():
+        p.requires_grad_(any(p is q for q in trainable.values()))
     model.to(device)
     trained, total = M.parameter_count(model, groups)
     print(f"kyg: {args.method} fine-tuning updates {trained:,} of {total:,} parameters "
@@ -382,52 +439,24 @@ def finetune_one(args, lang, lr, seed, config, reused, run_label):
                             split("test", args.max_eval))
     train, dev, test = reused["splits"]
     to_device = to_device_fn(tokenizer, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(trainable.values(), lr=lr, fused=device.type == "cuda")
     steps = args.epochs * math.ceil(len(train) / args.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # a linear decay to 0, or constant
         optimizer, lambda step: 1 - step / steps if args.schedule == "linear" else 1.0)
     rng = random.Random(seed)
 
-    # With θp frozen (head and adapter tuning), f(x; θp) is the same in every epoch: dev and test are
-    # scored from features computed once, which is exact in eval mode. Training on them too (the
-    # default; --live-trunk turns it off) drops the dropout inside the frozen encoder.
-    frozen_trunk = "pretrained" not in groups
-
-    def trunk_features(examples):
-        """f(x; θp) in eval mode, one [T_i, H] tensor per example."""
-        model.eval()
-        features = [None] * len(examples)
-        with torch.no_grad():
-            for chunk in batches(examples, 2 * args.batch_size):
-                batch = to_device([examples[i] for i in chunk])
-                hidden = model.encode(batch["input_ids"], batch["attention_mask"])
-                for row, i in enumerate(chunk):
-                    features[i] = hidden[row, :len(examples[i].input_ids)].clone()
-        return features
-
-    def forward(examples, chunk, features):
-        """(logits [B, T, C], labels [B, T]) of examples[chunk], from stored features if given."""
-        batch = to_device([examples[i] for i in chunk])
-        if features is None:
-            return model(lang, batch["input_ids"], batch["attention_mask"]), batch["labels"]
-        return model(lang, hidden=pad_sequence([features[i] for i in chunk], batch_first=True)), batch["labels"]
-
-    def evaluate(examples, features):
-        model.eval()
-        gold, predicted = [], []
-        with torch.no_grad():
-            for chunk in batches(examples, 2 * args.batch_size):
-                logits = forward(examples, chunk, features)[0].float().cpu()
-                for row, i in enumerate(chunk):
-                    gold.append([LABELS[t] for t in examples[i].tags])
-                    predicted.append(word_tags(examples[i], logits[row]))
-        return f1(gold, predicted)
+    # While training leaves f(x; θp) alone (head tuning, and adapter tuning, whose θa sits after f),
+    # it is the same in every epoch: dev and test are scored from features computed once, which is
+    # exact in eval mode. Training on them too (the default; --live-trunk turns it off) drops the
+    # dropout inside the frozen encoder. LoRA and BitFit change f itself: no shortcut there.
+    frozen_trunk = "pretrained" not in groups and model.trunk_is_fixed_by_pretrained
+    forward = lambda examples, chunk, features: logits_and_labels(model, lang, examples, chunk, features, to_device)
+    evaluate = lambda examples, features: score(model, examples, features, forward, args.batch_size)
 
     started = time.time()
     if frozen_trunk and "features" not in reused:  # θp (plain or primed) is the same for every seed
-        reused["features"] = (trunk_features(train) if args.cached_trunk else None,
-                              trunk_features(dev), trunk_features(test))
+        features = lambda examples: trunk_features(model, examples, to_device, args.batch_size)
+        reused["features"] = (features(train) if args.cached_trunk else None, features(dev), features(test))
     train_features, dev_features, test_features = reused.get("features", (None, None, None))
     best = (-1.0, 0, None)  # (dev F1, epoch, trained state)
     progress = tqdm(total=steps, desc=f"{run_label}: {priming_label(priming)}→{args.method} {lang} s{seed}",
@@ -555,26 +584,29 @@ def table(args):
             cells.append(f"{verdict} ({gap:+.2f})")
         out.append(f"| {claim} | " + " | ".join(cells) + " |")
 
-    out += ["\n## Figure 4: average test F1 over the languages, priming × fine-tuning\n",
-            "| priming ↓ fine-tuning → | " + " | ".join(FIGURE4_FINETUNING) + " |", "|---|---|---|"]
-    matrix = {}
-    for priming in FIGURE4_PRIMING:
-        row = []
-        for method in FIGURE4_FINETUNING:
-            means = [stat((priming, method, l))[0] for l in langs if stat((priming, method, l))]
-            matrix[priming, method] = statistics.mean(means) if len(means) == len(langs) else None
-            row.append(f"{matrix[priming, method]:.2f}" if matrix[priming, method] is not None else "–")
-        out.append(f"| {priming} | " + " | ".join(row) + " |")
+    matrices = {}
+    for name, (title, primings, methods) in MATRICES.items():
+        if name != "figure4" and not any(key[1] in ("lora", "bitfit") for key in scores):
+            continue
+        out += [f"\n## {title}\n", "| priming ↓ fine-tuning → | " + " | ".join(methods) + " |",
+                "|---|" + "---|" * len(methods)]
+        matrix = matrices[name] = {}
+        for priming in primings:
+            for method in methods:
+                means = [stat((priming, method, l))[0] for l in langs if stat((priming, method, l))]
+                matrix[priming, method] = statistics.mean(means) if len(means) == len(langs) else None
+            out.append(f"| {priming} | " + " | ".join(f"{matrix[priming, m]:.2f}" if matrix[priming, m] is not None
+                                                      else "–" for m in methods) + " |")
     text = "\n".join(out) + "\n"
     with open(os.path.join(args.dir, "table.md.tmp"), "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(os.path.join(args.dir, "table.md.tmp"), os.path.join(args.dir, "table.md"))
     print(text)
-    print(plot(args.dir, scores, langs, matrix))
+    print(plot(args.dir, scores, langs, matrices))
 
 
-def plot(directory, scores, langs, matrix):
-    """Figure 3 (full fine-tuning after each priming, per language) and Figure 4 as PNG."""
+def plot(directory, scores, langs, matrices):
+    """Figure 3 (full fine-tuning after each priming, per language) and the matrices as PNG."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -593,19 +625,23 @@ def plot(directory, scores, langs, matrix):
     ax.legend(fontsize=8, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)  # clear of the points
     fig.tight_layout()
     fig.savefig(os.path.join(directory, "figure3.png"), dpi=120)
-    fig, ax = plt.subplots(figsize=(4, 3.4))
-    grid = [[matrix[p, m] if matrix[p, m] is not None else float("nan") for m in FIGURE4_FINETUNING]
-            for p in FIGURE4_PRIMING]
-    ax.imshow(grid, cmap="Greens")
-    for i, row in enumerate(grid):
-        for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.2f}" if value == value else "not run", ha="center", va="center")
-    ax.set_xticks(range(2), ["adapter FT", "full FT"])
-    ax.set_yticks(range(3), ["PE priming", "MAML priming", "no priming"])
-    ax.set_title("average test F1")
-    fig.tight_layout()
-    fig.savefig(os.path.join(directory, "figure4.png"), dpi=120)
-    return f"kyg: wrote {directory}/figure3.png and {directory}/figure4.png"
+    for name, matrix in matrices.items():
+        _, primings, methods = MATRICES[name]
+        fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(methods), 0.8 + 0.8 * len(primings)))
+        grid = [[matrix[p, m] if matrix[p, m] is not None else float("nan") for m in methods] for p in primings]
+        image = ax.imshow(grid, cmap="Greens")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):  # white on the darker half of the colour map
+                dark = value == value and image.norm(value) > 0.5
+                ax.text(j, i, f"{value:.2f}" if value == value else "not run", ha="center", va="center",
+                        color="white" if dark else "black")
+        ax.set_xticks(range(len(methods)), methods)
+        ax.set_xlabel("fine-tuning")
+        ax.set_yticks(range(len(primings)), [PRIMING_NAMES.get(p, f"{p} priming") for p in primings])
+        ax.set_title("average test F1")
+        fig.tight_layout()
+        fig.savefig(os.path.join(directory, f"{name}.png"), dpi=120)
+    return f"kyg: wrote {directory}/figure3.png and " + " and ".join(f"{directory}/{n}.png" for n in matrices)
 
 
 # ----------------------------------------------------------------------------- tiny

@@ -34,6 +34,9 @@ by one backward through the trunk, not S of them. Autograd does all of it when h
 graph and each inner update is built with create_graph=True; that is the whole change. θh
 still gets no meta-gradient (line 15), so its copy starts detached.
 
+θa is the adapter in the paper; `model.pe` may make it LoRA's factors or BitFit's biases
+(model.py): the loop is the same, since it only asks which parameters are θa.
+
 Variants: "pe" (the paper's, settings 4 and 7) updates θa and θh in the inner loop; "maml"
 (setting 6) also runs the red line. `fine_tune_step()` is setting 5, priming by plain multi-task
 fine-tuning on the same data with the same optimizer, schedule and number of updates.
@@ -63,7 +66,9 @@ def adapt(model, support, lang, steps, lr, variant="pe", cache_trunk=True, secon
 
     With `cache_trunk` ("pe" only), f(x; θp) is computed once instead of at every step. This is
     exact: the "pe" inner loop never changes θp, so the encoder's output on the support batch is
-    the same at every step, and the gradients for θa and θh never flow into the encoder. (With
+    the same at every step, and the gradients for θa and θh never flow into the encoder. It
+    needs θa outside the encoder (model.trunk_is_fixed_by_pretrained): with LoRA or BitFit, θa
+    changes f itself, and the loop runs the whole model at every step whatever is asked. (With
     dropout on, the cached path draws one dropout mask in the encoder for all S steps, the
     line-by-line path a fresh one each step: the same distribution, different samples.)
 
@@ -73,10 +78,10 @@ def adapt(model, support, lang, steps, lr, variant="pe", cache_trunk=True, secon
     inner_names = named_params(model, *INNER_GROUPS[variant], lang=lang)
     # Alg. 1, line 9: θ^i = θ. Only what the inner loop changes needs a copy of its own; in
     # second order θa^i starts as θa itself, so that the inner steps stay on θa's graph.
-    fast = {name: p if second_order and group_of(name) == "adapter" else p.detach().clone().requires_grad_()
+    fast = {name: p if second_order and group_of(name, model.pe) == "adapter" else p.detach().clone().requires_grad_()
             for name, p in inner_names.items()}
     hidden, support_losses = None, []
-    if cache_trunk and variant == "pe":
+    if cache_trunk and variant == "pe" and model.trunk_is_fixed_by_pretrained:
         with torch.set_grad_enabled(second_order):  # second order: θp reaches the query loss through h
             hidden = model.encode(support["input_ids"], support["attention_mask"])
     for _ in range(steps):  # Alg. 1, line 10
@@ -116,13 +121,13 @@ def meta_step(model, optimizer, scheduler, tasks, inner_steps, inner_lr, variant
         support_curve += support_losses / len(tasks)
         with torch.no_grad():
             for name, p in fast.items():
-                if group_of(name) == "head" or second_order:
+                if group_of(name, model.pe) == "head" or second_order:
                     continue  # θh gets no meta-gradient; second order needs no copying
                 target = meta_params[name]
                 target.grad = p.grad.clone() if target.grad is None else target.grad.add_(p.grad)
         # Alg. 1, line 15 keeps the first task's adapted head; with a head per language, each
         # head keeps the one adapted by that language's first task in this meta-batch.
-        first_heads.setdefault(lang, {n: p.detach() for n, p in fast.items() if group_of(n) == "head"})
+        first_heads.setdefault(lang, {n: p.detach() for n, p in fast.items() if group_of(n, model.pe) == "head"})
         del fast, loss  # before the next task's adapt(): the MAML loop holds one copy of θp at a time
     optimizer.step()  # Alg. 1, line 14: θp, θa ← AdamW step on the summed meta-gradient
     scheduler.step()

@@ -5,8 +5,12 @@
                 and for full fine-tuning from the plain pretrained model)
   h  `heads`    one linear token-classification head per language, θh, dropout before it
 
-Algorithm 1 treats the three groups differently, so every parameter name says its group:
-`encoder.*` is θp ("pretrained"), `adapter.*` is θa ("adapter"), `heads.<lang>.*` is θh ("head").
+θa is whatever the parameter-efficient (PE) method trains besides θh, `pe` below: the paper's
+adapter (g), or LoRA (a rank-8 update inside every query and value projection of f), or BitFit
+(f's own bias terms; g is then the identity). Algorithm 1 treats the three groups differently,
+so every parameter's name says its group (group_of): `encoder.*` is θp ("pretrained"), except
+LoRA's `*.lora_a`/`*.lora_b` and, for BitFit, `encoder.*.bias`, which are θa ("adapter"), as is
+`adapter.*`; `heads.<lang>.*` is θh ("head"). The partition, not the architecture, defines θa.
 meta.py runs this module through `torch.func.functional_call` with some of those names bound to
 other tensors (the inner loop's adapted copies); kyg.py fine-tunes it directly.
 
@@ -16,6 +20,7 @@ priming; and the tiny BERT that the tests and `run.sh smoke` build offline.
 """
 import json
 import logging
+import math
 import os
 
 import torch
@@ -47,12 +52,40 @@ class Adapter(nn.Module):
         return x + self.up(F.relu(self.down(x)))
 
 
+class LoRALinear(nn.Linear):
+    """A frozen projection W plus Hu et al.'s low-rank update: W x + (α/r)·B A x, r = 8, α = 16.
+    B starts at zero, so a fresh LoRA changes nothing; A has nn.Linear's default init. W keeps
+    its name (`weight`), so it stays θp; `lora_a` [r, in] and `lora_b` [out, r] are θa."""
+
+    @classmethod
+    def convert(cls, linear, rank=8, alpha=16):
+        linear.__class__ = cls  # in place: the encoder's module tree and parameter names stay as they are
+        linear.lora_a = nn.Parameter(torch.empty(rank, linear.in_features))
+        nn.init.kaiming_uniform_(linear.lora_a, a=math.sqrt(5))
+        linear.lora_b = nn.Parameter(torch.zeros(linear.out_features, rank))
+        linear.lora_scale = alpha / rank
+
+    def forward(self, x):
+        return super().forward(x) + self.lora_scale * (x @ self.lora_a.T @ self.lora_b.T)
+
+
+PE_METHODS = ("adapter", "lora", "bitfit")
+
+
 class Tagger(nn.Module):
-    def __init__(self, encoder, languages, with_adapter=True, bottleneck=64):
+    def __init__(self, encoder, languages, pe="adapter", bottleneck=64):
         super().__init__()
         hidden = encoder.config.hidden_size
-        self.encoder = encoder
-        self.adapter = Adapter(hidden, bottleneck) if with_adapter else nn.Identity()
+        self.encoder, self.pe = encoder, pe
+        self.adapter = Adapter(hidden, bottleneck) if pe == "adapter" else nn.Identity()
+        if pe == "lora":  # the query and value projections of every layer (Hu et al.), as BERT names them
+            projections = [m for n, m in encoder.named_modules() if n.endswith(("attention.self.query",
+                                                                                "attention.self.value"))]
+            if not projections:
+                raise KygError("LoRA needs an encoder whose attention has BERT's query and value projections "
+                               "(attention.self.query, .value); use --pe adapter or bitfit with this model")
+            for linear in projections:
+                LoRALinear.convert(linear)
         self.dropout = nn.Dropout(encoder.config.hidden_dropout_prob)
         self.heads = nn.ModuleDict({lang: nn.Linear(hidden, len(LABELS)) for lang in languages})
         for head in self.heads.values():
@@ -70,17 +103,28 @@ class Tagger(nn.Module):
             hidden = self.encode(input_ids, attention_mask)
         return self.heads[lang](self.dropout(self.adapter(hidden)))
 
+    @property
+    def trunk_is_fixed_by_pretrained(self):
+        """Whether f(x; θp) depends on θp alone, so that while θp is frozen it can be computed once
+        and θa, θh trained on it: the cached-trunk shortcut of the inner loop and of fine-tuning.
+        True for the adapter (θa sits after f) and for none; LoRA's and BitFit's θa live inside f."""
+        return self.pe not in ("lora", "bitfit")
 
-def group_of(name):
-    """Parameter name -> "pretrained" (θp), "adapter" (θa) or "head" (θh)."""
-    return {"encoder": "pretrained", "adapter": "adapter", "heads": "head"}[name.split(".", 1)[0]]
+
+def group_of(name, pe="adapter"):
+    """Parameter name -> "pretrained" (θp), "adapter" (θa) or "head" (θh), for PE method `pe`."""
+    if name.startswith("heads."):
+        return "head"
+    if name.startswith("adapter.") or ".lora_" in name or (pe == "bitfit" and name.endswith(".bias")):
+        return "adapter"
+    return "pretrained"
 
 
 def named_params(model, *groups, lang=None):
     """{name: parameter} of the given groups; with `lang`, only that language's head."""
     return {name: p for name, p in model.named_parameters()
-            if group_of(name) in groups and (lang is None or group_of(name) != "head"
-                                             or name.startswith(f"heads.{lang}."))}
+            if group_of(name, model.pe) in groups and (lang is None or not name.startswith("heads.")
+                                                       or name.startswith(f"heads.{lang}."))}
 
 
 def token_loss(logits, labels):
@@ -90,7 +134,7 @@ def token_loss(logits, labels):
 
 # ----------------------------------------------------------------------------- loading
 
-def load(model_name, languages, with_adapter=True, bottleneck=64):
+def load(model_name, languages, pe="adapter", bottleneck=64):
     """(Tagger, tokenizer) for a hub name or a local directory; errors say what is missing."""
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -120,14 +164,12 @@ def load(model_name, languages, with_adapter=True, bottleneck=64):
     # Token classification never reads the pooler; dropping it keeps θp to what is trained.
     if getattr(encoder, "pooler", None) is not None:
         encoder.pooler = None
-    return Tagger(encoder, languages, with_adapter, bottleneck), tokenizer
+    return Tagger(encoder, languages, pe, bottleneck), tokenizer
 
 
 def parameter_count(model, groups):
     """(trainable, total) parameter counts when `groups` are the ones being trained."""
-    params = dict(model.named_parameters())
-    trained = sum(p.numel() for n, p in params.items() if group_of(n) in groups)
-    return trained, sum(p.numel() for p in params.values())
+    return sum(p.numel() for p in named_params(model, *groups).values()), sum(p.numel() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------- files
@@ -174,9 +216,12 @@ PRIMING_RECORD, PRIMING_STATE = "priming.json", "priming-state.safetensors"
 
 
 def save_primed(model, tokenizer, priming, directory):
-    model.encoder.save_pretrained(directory)
+    """model.safetensors holds the encoder without LoRA's factors, which AutoModel does not know;
+    θa, whatever the method, goes to adapter.safetensors under its parameter names."""
+    model.encoder.save_pretrained(directory, state_dict={name: value for name, value in
+                                                         model.encoder.state_dict().items() if ".lora_" not in name})
     tokenizer.save_pretrained(directory)
-    save_tensors(model.adapter.state_dict(), os.path.join(directory, "adapter.safetensors"))
+    save_tensors(named_params(model, "adapter"), os.path.join(directory, "adapter.safetensors"))
     write_json(priming, os.path.join(directory, PRIMING_RECORD))
 
 
@@ -194,20 +239,29 @@ def read_priming(directory):
         raise KygError(f"{directory} is not a primed model directory (no {PRIMING_RECORD}); {make}")
     try:
         with open(os.path.join(directory, PRIMING_RECORD), encoding="utf-8") as f:
-            return json.load(f)
+            return {"pe": "adapter", **json.load(f)}  # kyg primed only adapters before it said which
     except ValueError as e:
         raise KygError(f"{directory}/{PRIMING_RECORD} is damaged ({e}); delete {directory} and prime again")
 
 
 def load_primed(model, directory):
-    """Load θp and θa from a primed model directory into `model`; returns its priming record."""
+    """Load θp from a primed model directory into `model`, and θa too when it was primed for the
+    model's PE method (LoRA's factors mean nothing to an adapter: then θa starts fresh). Returns
+    the priming record."""
     priming = read_priming(directory)
+    adapter = load_tensors(os.path.join(directory, "adapter.safetensors"))[0]
     try:
-        model.encoder.load_state_dict(load_tensors(os.path.join(directory, "model.safetensors"))[0])
-        model.adapter.load_state_dict(load_tensors(os.path.join(directory, "adapter.safetensors"))[0])
+        missing, unexpected = model.encoder.load_state_dict(
+            load_tensors(os.path.join(directory, "model.safetensors"))[0], strict=False)
     except RuntimeError:
+        missing, unexpected = [], ["a tensor of another shape"]
+    if unexpected or any(".lora_" not in name for name in missing):
         raise KygError(f"{directory} was primed from {priming['model']!r}, whose weights do not fit the "
                        f"--model given; pass --model {priming['model']}")
+    if priming["pe"] == model.pe:
+        with torch.no_grad():
+            for name, p in named_params(model, "adapter").items():
+                p.copy_(adapter[name])
     return priming
 
 

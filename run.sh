@@ -10,6 +10,9 @@
 #                            (results/small: rows 2-7 and 5b, four rates, two priming seeds)
 #   bash run.sh paper-scale  the paper's data: every sentence, one priming pass (312 steps), dev
 #                            capped at 1,000 (results/paper-scale: rows 2-7 and 5b, as small)
+#   bash run.sh pe-methods   Algorithm 1 beyond the adapter: priming with the inner loop of each of
+#                            adapter, LoRA and BitFit x tuning with each, and none/FT priming before
+#                            LoRA and BitFit (results/pe-methods: hi af nl, 300 training sentences)
 #   bash run.sh smoke        the pipeline end to end on a tiny BERT and tiny data that it makes
 #                            itself: offline, a few minutes on 2 CPU cores, numbers that mean nothing
 #
@@ -17,7 +20,8 @@
 #   KYG_MODEL        hub name or local model directory   [bert-base-multilingual-cased]
 #   KYG_DATA_DIR     local WikiAnn, {lang}/{train,dev,test}.tsv   [the hub]
 #   KYG_DEVICE       cuda or cpu                          [cuda when present]
-#   KYG_ROWS         what to run: 1-7, 5b, 4-2nd, 7-2nd, fig3-meta, fig3-maml   [all]
+#   KYG_ROWS         what to run: 1-7, 5b, 4-2nd, 7-2nd, fig3-meta, fig3-maml, or any PRIMING:METHOD
+#                    (a priming label as the table names it, e.g. meta-lora:bitfit)   [all]
 #   KYG_SEEDS        fine-tuning seeds                    [1 2 3]
 #   KYG_PRIME_SEEDS  priming seeds of rows 4 and 5 (every other priming uses seed 1)   [1]
 #   KYG_LRS          head- and adapter-tuning rates; several: chosen on dev   [kyg.py's default]
@@ -48,6 +52,7 @@ case "${1:-}" in
         python kyg.py tiny "$OUT/tiny"
         KYG_MODEL=$OUT/tiny/model KYG_DATA_DIR=$OUT/tiny/data KYG_SEEDS=${KYG_SEEDS:-1 2}
         KYG_PRIME_STEPS=8 KYG_EPOCHS=2 KYG_PRIME_SEEDS=${KYG_PRIME_SEEDS:-1 2} KYG_LRS=${KYG_LRS:-1e-3 1e-2}
+        KYG_ROWS=${KYG_ROWS:-$ALL_ROWS meta-lora:lora meta-bitfit:bitfit meta-lora:adapter}
         SMOKE=(--support-size 8 --query-size 8)
         export HF_HUB_OFFLINE=1 ;;
     small)
@@ -57,7 +62,12 @@ case "${1:-}" in
     paper-scale)
         OUT=${KYG_OUT:-results/paper-scale} KYG_ROWS=${KYG_ROWS:-2 3 4 5 5b 7 6}
         KYG_MAX_DEV=${KYG_MAX_DEV:-1000} KYG_LRS=${KYG_LRS:-1e-3 3e-3 1e-2 3e-2} KYG_PRIME_SEEDS=${KYG_PRIME_SEEDS:-1 2} ;;
-    *) echo "usage: bash run.sh [small | paper-scale | smoke]" >&2; exit 2 ;;
+    pe-methods)
+        OUT=${KYG_OUT:-results/pe-methods} KYG_LANGS=${KYG_LANGS:-hi af nl} KYG_MAX_TRAIN=${KYG_MAX_TRAIN:-300}
+        KYG_MAX_EVAL=${KYG_MAX_EVAL:-300} KYG_PRIME_STEPS=${KYG_PRIME_STEPS:-40} KYG_EPOCHS=${KYG_EPOCHS:-10}
+        KYG_ROWS=${KYG_ROWS:-$(for p in meta meta-lora meta-bitfit; do for m in adapter lora bitfit; do echo $p:$m; done; done)
+                              none:adapter none:lora none:bitfit ft:adapter ft-lora:lora ft-bitfit:bitfit} ;;
+    *) echo "usage: bash run.sh [small | paper-scale | pe-methods | smoke]" >&2; exit 2 ;;
 esac
 
 COMMON=(--model "${KYG_MODEL:-bert-base-multilingual-cased}")
@@ -69,9 +79,6 @@ PRIME=("${SMOKE[@]}")
 FINETUNE=(--epochs "${KYG_EPOCHS:-5}")
 [[ -n "${KYG_MAX_EVAL:-}" ]] && FINETUNE+=(--max-eval "$KYG_MAX_EVAL")
 [[ -n "${KYG_MAX_DEV:-}" ]] && FINETUNE+=(--max-dev "$KYG_MAX_DEV")
-PE_TUNING=()
-[[ -n "${KYG_LRS:-}" ]] && PE_TUNING+=(--lr $KYG_LRS)
-[[ "${KYG_LIVE_TRUNK:-0}" == 1 ]] && PE_TUNING+=(--live-trunk)
 
 # Each row: the priming it starts from (a label, as kyg.py's table names it) and the fine-tuning.
 declare -A ROW=([1]="none full" [2]="none head" [3]="none adapter" [4]="meta adapter" [5]="ft adapter"
@@ -81,7 +88,8 @@ declare -A ROW=([1]="none full" [2]="none head" [3]="none adapter" [4]="meta ada
 prime() {  # prime LABEL SEED -> the primed model directory, primed first unless it is finished
     local dir=$OUT/primed/$1 flags=()
     [[ $2 != 1 ]] && dir+=-seed$2
-    [[ $1 == *-S1* ]] && flags+=(--inner-steps 1)                  # the label says how: S = 1,
+    [[ $1 == *-lora* ]] && flags+=(--pe lora)                      # the label says how: LoRA's or
+    [[ $1 == *-bitfit* ]] && flags+=(--pe bitfit)                  # BitFit's inner loop, S = 1,
     [[ $1 == *-head* ]] && flags+=(--head-lr "${1#*-head}")        # FT priming's head rate,
     [[ $1 == *-2nd ]] && flags+=(--second-order)                   # the exact meta-gradient
     python kyg.py prime --method "${1%%-*}" --seed "$2" "${flags[@]}" "${PRIME[@]}" "${COMMON[@]}" --out "$dir" >&2
@@ -92,6 +100,7 @@ ROWS=(${KYG_ROWS:-$ALL_ROWS})
 started=$SECONDS
 for i in "${!ROWS[@]}"; do
     row=${ROWS[$i]}
+    [[ $row == *:* ]] && ROW[$row]="${row%:*} ${row#*:}"
     [[ -n "${ROW[$row]:-}" ]] || { echo "run.sh: unknown row '$row' in KYG_ROWS; use some of: $ALL_ROWS" >&2; exit 2; }
     read -r priming method <<< "${ROW[$row]}"
     elapsed=$((SECONDS - started))
@@ -103,8 +112,10 @@ for i in "${!ROWS[@]}"; do
         init=()
         [[ $priming != none ]] && init=(--init "$(prime "$priming" "$seed")")
         # Full fine-tuning writes no weights: a copy of mBERT per run (~700 MB) is what PE tuning avoids.
-        extra=("${PE_TUNING[@]}")
+        extra=()
         [[ $method == full ]] && extra=(--no-save)
+        [[ $method != full && -n "${KYG_LRS:-}" ]] && extra+=(--lr $KYG_LRS)
+        [[ $method == head || $method == adapter ]] && [[ "${KYG_LIVE_TRUNK:-0}" == 1 ]] && extra+=(--live-trunk)
         # shellcheck disable=SC2086
         python kyg.py finetune --method "$method" "${init[@]}" --lang ${KYG_LANGS:-hi af az lt et nl} \
             --seed ${KYG_SEEDS:-1 2 3} "${FINETUNE[@]}" "${extra[@]}" "${COMMON[@]}" --out "$OUT"

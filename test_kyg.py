@@ -43,6 +43,15 @@ def tagger(tiny):
     return model, tokenizer
 
 
+@pytest.fixture(params=M.PE_METHODS)
+def any_pe_tagger(tiny, request):
+    """The tagger with θa of each PE method: the adapter, LoRA, BitFit."""
+    torch.manual_seed(0)
+    model, tokenizer = M.load(tiny["model"], ["en", "es"], pe=request.param)
+    model.eval()
+    return model, tokenizer
+
+
 def batch_of(tiny, tokenizer, lang, start, size):
     examples = D.encode(D.load_split(lang, "train", tiny["data"]), tokenizer, 64)[start:start + size]
     return D.collate(examples, tokenizer.pad_token_id)
@@ -173,17 +182,34 @@ def test_parameter_groups_partition_the_model(tagger):
 
 # ----------------------------------------------------------------------------- Algorithm 1
 
-def test_pe_inner_loop_leaves_pretrained_untouched_and_adapts_adapter_and_head(tagger, tiny):
-    model, tokenizer = tagger
+def test_pe_inner_loop_leaves_pretrained_untouched_and_adapts_adapter_and_head(any_pe_tagger, tiny):
+    model, tokenizer = any_pe_tagger
     before = snapshot(model)
     fast, support_losses = meta.adapt(model, batch_of(tiny, tokenizer, "en", 0, 8), "en", steps=5, lr=0.03)
-    assert {M.group_of(n) for n in fast} == {"adapter", "head"}
-    assert all(n.startswith(("adapter.", "heads.en.")) for n in fast)
+    theta_a = {"adapter": "adapter.", "lora": ".lora_", "bitfit": ".bias"}[model.pe]
+    assert {n for n in fast if not n.startswith("heads.")} == {n for n in before if theta_a in n and "heads" not in n}
+    assert {n for n in fast if n.startswith("heads.")} == {"heads.en.weight", "heads.en.bias"}
     for name, p in model.named_parameters():  # the model's own tensors, θp above all, bit-identical
         assert torch.equal(p, before[name]), name
-    for name, p in fast.items():  # θa^i and θh^i moved
-        assert not torch.equal(p, before[name]), name
-    assert support_losses.shape == (5,) and support_losses[-1] < support_losses[0]
+    moved = {n for n, p in fast.items() if not torch.equal(p, before[n])}  # θa^i and θh^i moved
+    assert {"heads.en.weight", "heads.en.bias"} <= moved and len(moved) > 2  # (LoRA's A moves below
+    assert support_losses.shape == (5,) and support_losses[-1] < support_losses[0]  # float32's step at first)
+
+
+def test_a_fresh_lora_changes_nothing_and_sits_in_theta_a(tiny):
+    torch.manual_seed(0)
+    plain, tokenizer = M.load(tiny["model"], ["en"], pe=None)
+    lora, _ = M.load(tiny["model"], ["en"], pe="lora")
+    plain.eval(), lora.eval()
+    batch = batch_of(tiny, tokenizer, "en", 0, 8)
+    assert torch.equal(lora.encode(batch["input_ids"], batch["attention_mask"]),
+                       plain.encode(batch["input_ids"], batch["attention_mask"]))
+    theta_a = M.named_params(lora, "adapter")
+    layers = plain.encoder.config.num_hidden_layers
+    assert len(theta_a) == 2 * 2 * layers and all(".attention.self.query.lora_" in n or
+                                                  ".attention.self.value.lora_" in n for n in theta_a)
+    assert set(M.named_params(lora, "pretrained")) == set(M.named_params(plain, "pretrained"))  # θp's names as they were
+    assert not lora.trunk_is_fixed_by_pretrained  # θa inside the trunk: no cached-trunk shortcut
 
 
 def test_maml_inner_loop_changes_pretrained_only_in_the_clone(tagger, tiny):
@@ -212,15 +238,15 @@ def constant_lr(optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def test_first_order_meta_gradient_is_the_query_gradient_at_the_adapted_parameters(tagger, tiny):
-    model, tokenizer = tagger
+def test_first_order_meta_gradient_is_the_query_gradient_at_the_adapted_parameters(any_pe_tagger, tiny):
+    model, tokenizer = any_pe_tagger
     support, query = batch_of(tiny, tokenizer, "en", 0, 8), batch_of(tiny, tokenizer, "en", 8, 8)
     alpha = 0.03
 
     # By hand, on a copy: one SGD step on θa and θh with the support loss, then ∇ of the query
     # loss with respect to θp and the adapted θa.
     hand = copy.deepcopy(model)
-    inner = [p for n, p in hand.named_parameters() if n.startswith(("adapter.", "heads.en."))]
+    inner = [p for n, p in hand.named_parameters() if M.group_of(n, hand.pe) == "adapter" or n.startswith("heads.en.")]
     grads = torch.autograd.grad(M.token_loss(hand("en", support["input_ids"], support["attention_mask"]),
                                              support["labels"]), inner)
     with torch.no_grad():
@@ -474,8 +500,10 @@ def test_a_primed_model_is_a_hugging_face_directory_holding_the_primed_weights(t
     for name, value in fresh.encoder.state_dict().items():
         assert torch.equal(primed[name], value), name
     assert any(not torch.equal(plain[n], v) for n, v in fresh.encoder.state_dict().items())  # priming moved θp
-    for name, value in load_file(tmp_path / "m" / "adapter.safetensors").items():
-        assert torch.equal(fresh.adapter.state_dict()[name], value)
+    adapter = load_file(tmp_path / "m" / "adapter.safetensors")
+    assert adapter.keys() == M.named_params(fresh, "adapter").keys()
+    for name, value in adapter.items():
+        assert torch.equal(M.named_params(fresh, "adapter")[name], value)
     assert not list(tmp_path.glob("m/*state*"))  # the resumable state goes once priming is finished
 
 
@@ -574,6 +602,36 @@ def test_bad_input_is_one_error_line(tiny, tmp_path, case):
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1, result.stderr
     assert lines[0].startswith("kyg: error: ") and says in lines[0] and "; " in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("pe", ["lora", "bitfit"])
+def test_lora_and_bitfit_prime_and_tune_only_their_parameters(tiny, tmp_path, pe):
+    common = ["--model", tiny["model"], "--data-dir", tiny["data"]]
+    kyg.main(["prime", "--method", "meta", "--pe", pe, "--source", "en", "es", "--steps", "2", "--support-size", "8",
+              "--query-size", "8", "--out", str(tmp_path / "p"), *common])
+    primed, _ = M.load(tiny["model"], ["hi"], pe=pe)
+    assert M.load_primed(primed, str(tmp_path / "p"))["pe"] == pe  # θa primed for this method is carried ...
+    theta_a = M.load_tensors(str(tmp_path / "p" / "adapter.safetensors"))[0]
+    assert theta_a.keys() == M.named_params(primed, "adapter").keys()
+    assert all(torch.equal(M.named_params(primed, "adapter")[n], v) for n, v in theta_a.items())
+    torch.manual_seed(0)
+    other, _ = M.load(tiny["model"], ["hi"], pe="adapter")
+    fresh_adapter = {n: p.clone() for n, p in M.named_params(other, "adapter").items()}
+    M.load_primed(other, str(tmp_path / "p"))  # ... and a θa of another method starts fresh
+    assert all(torch.equal(M.named_params(other, "adapter")[n], v) for n, v in fresh_adapter.items())
+
+    out = tmp_path / "r"
+    for init in ([], ["--init", str(tmp_path / "p")]):
+        kyg.main(["finetune", "--method", pe, "--lang", "hi", "--epochs", "1", "--out", str(out), *init, *common])
+    for record in kyg.read_results(str(out)):
+        name = f"{record['priming']}-{pe}-hi-lr{record['lr']:g}-s1.safetensors"
+        saved = M.load_tensors(str(out / "weights" / name))[0]
+        assert set(saved) == set(M.named_params(primed, "adapter")) | {"heads.hi.weight", "heads.hi.bias"}
+        assert record["trainable_params"] == sum(v.numel() for v in saved.values())
+        assert not record["config"]["cached_trunk"]
+    kyg.main(["table", str(out)])  # the priming × tuning matrix beyond the adapter, with its diagonal cell
+    row = [line for line in open(out / "table.md", encoding="utf-8") if line.startswith(f"| meta-{pe} |")][0]
+    assert row.split(" | ")[{"lora": 2, "bitfit": 3}[pe]].replace(".", "").strip(" |\n").isdigit()
 
 
 def test_live_trunk_is_only_for_a_frozen_trunk(tiny, tmp_path):
