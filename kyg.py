@@ -337,7 +337,8 @@ def same_settings(saved, settings, what):
     from data import KygError
     for key, value in settings.items():
         if saved.get(key) != value and not (key == "steps" and value is None):  # None: one pass, resolved later
-            raise KygError(f"{what} was made with --{key.replace('_', '-')} {saved.get(key)}, not {value}; "
+            name = "kyg's adapter init" if key == "adapter_init" else f"--{key.replace('_', '-')}"  # no flag
+            raise KygError(f"{what} was made with {name} {saved.get(key)}, not {value}; "
                            f"rerun with the same settings, or pass another --out to start afresh")
 
 
@@ -582,7 +583,8 @@ def table(args):
             verdict = "one seed" if min(a[2], b[2]) < 2 else \
                 "held" if gap > spread else "tie" if abs(gap) <= spread else "not held"
             cells.append(f"{verdict} ({gap:+.2f})")
-        out.append(f"| {claim} | " + " | ".join(cells) + " |")
+        if any(c != "–" for c in cells):  # a claim about rows this folder does not have is left out
+            out.append(f"| {claim} | " + " | ".join(cells) + " |")
 
     matrices = {}
     for name, (title, primings, methods) in MATRICES.items():
