@@ -523,8 +523,9 @@ def table(args):
            "| row | " + " | ".join(langs) + " | average |", "|---|" + "---|" * (len(langs) + 1)]
     cell = lambda s: "–" if not s else f"{s[0]:.2f} ({s[2]})" if s[2] == 1 else f"{s[0]:.2f} ± {s[1]:.2f} ({s[2]})"
     rows = [(f"{row}/{ROW_NAMES[row]}", priming, method, paper) for row, (priming, method, paper) in PAPER_TABLE1.items()]
-    rows += [(name, priming, method, {}) for name, (priming, method) in EXTRA_ROWS.items()
-             if any(key[:2] == (priming, method) for key in scores)]  # only where they were run
+    for name, (priming, method) in EXTRA_ROWS.items():  # where they were run, each beside the row it varies
+        if any(key[:2] == (priming, method) for key in scores):
+            rows.insert(max(i for i, row in enumerate(rows) if row[0][0] == name[0]) + 1, (name, priming, method, {}))
     for name, priming, method, paper in rows:
         cells, ours, theirs = [], [], []
         for lang in langs:
