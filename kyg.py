@@ -616,18 +616,20 @@ def plot(directory, scores, langs, matrices):
         import matplotlib.pyplot as plt
     except ImportError:
         return "kyg: figures skipped: `pip install matplotlib` to draw figure3.png and figure4.png"
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(langs), 3.2))
-    for i, priming in enumerate(FIGURE4_PRIMING):  # points, not bars from 0: the gaps are 1-2 F1
-        runs = [scores.get((priming, "full", lang), []) for lang in langs]
-        ax.errorbar([x + 0.2 * (i - 1) for x in range(len(langs))],
-                    [statistics.mean(r) if r else float("nan") for r in runs],
-                    yerr=[statistics.stdev(r) if len(r) > 1 else 0 for r in runs],
-                    fmt="o", capsize=3, label=PRIMING_NAMES[priming])
-    ax.set_xticks(range(len(langs)), langs)
-    ax.set_ylabel("test F1 after full FT\n(mean ± std over seeds)")
-    ax.legend(fontsize=8, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)  # clear of the points
-    fig.tight_layout()
-    fig.savefig(os.path.join(directory, "figure3.png"), dpi=120)
+    drawn = ["figure3"] if any(key[1] == "full" for key in scores) else []  # where full fine-tuning ran
+    if drawn:
+        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(langs), 3.2))
+        for i, priming in enumerate(FIGURE4_PRIMING):  # points, not bars from 0: the gaps are 1-2 F1
+            runs = [scores.get((priming, "full", lang), []) for lang in langs]
+            ax.errorbar([x + 0.2 * (i - 1) for x in range(len(langs))],
+                        [statistics.mean(r) if r else float("nan") for r in runs],
+                        yerr=[statistics.stdev(r) if len(r) > 1 else 0 for r in runs],
+                        fmt="o", capsize=3, label=PRIMING_NAMES[priming])
+        ax.set_xticks(range(len(langs)), langs)
+        ax.set_ylabel("test F1 after full FT\n(mean ± std over seeds)")
+        ax.legend(fontsize=8, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)  # clear of the points
+        fig.tight_layout()
+        fig.savefig(os.path.join(directory, "figure3.png"), dpi=120)
     for name, matrix in matrices.items():
         _, primings, methods = MATRICES[name]
         fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(methods), 0.8 + 0.8 * len(primings)))
@@ -644,7 +646,7 @@ def plot(directory, scores, langs, matrices):
         ax.set_title("average test F1")
         fig.tight_layout()
         fig.savefig(os.path.join(directory, f"{name}.png"), dpi=120)
-    return f"kyg: wrote {directory}/figure3.png and " + " and ".join(f"{directory}/{n}.png" for n in matrices)
+    return "kyg: wrote " + ", ".join(f"{directory}/{name}.png" for name in drawn + list(matrices))
 
 
 # ----------------------------------------------------------------------------- tiny
