@@ -107,8 +107,9 @@ class Tagger(nn.Module):
     def trunk_is_fixed_by_pretrained(self):
         """Whether f(x; θp) depends on θp alone, so that while θp is frozen it can be computed once
         and θa, θh trained on it: the cached-trunk shortcut of the inner loop and of fine-tuning.
-        True for the adapter (θa sits after f) and for none; LoRA's and BitFit's θa live inside f."""
-        return self.pe not in ("lora", "bitfit")
+        True for the adapter (θa sits after f) and for none; LoRA's and BitFit's θa live inside f.
+        Read off the partition itself, so a new PE method needs no list here."""
+        return not any(name.startswith("encoder.") for name in named_params(self, "adapter"))
 
 
 def group_of(name, pe="adapter"):
