@@ -81,14 +81,22 @@ RESULTS_FORMAT = 2  # of OUT/results.jsonl's records; 2: --init names a primed m
 SAVE_MINUTES = 10   # the resumable state of a priming is saved this often by default
 FIGURE4_PRIMING, FIGURE4_FINETUNING = ("meta", "maml", "none"), ("adapter", "full")
 # Priming × fine-tuning matrices, each averaged over the languages: file -> (title, rows, columns).
-# The second, Figure 4 beyond the adapter (LoRA, BitFit), only where such runs exist.
+# The second, Figure 4 beyond the adapter (LoRA, BitFit), only where such runs exist; its row "ft{pe}"
+# is FT priming of the column's θa (ft, ft-lora, ft-bitfit): the baseline each diagonal cell must beat.
 MATRICES = {"figure4": ("Figure 4: average test F1 over the languages, priming × fine-tuning",
                         FIGURE4_PRIMING, FIGURE4_FINETUNING),
             "figure4-pe": ("Figure 4 beyond the adapter: priming with each PE method's inner loop × tuning with "
                            "each, average test F1 over the languages; the diagonal is priming that knows where "
-                           "it is going", ("meta", "meta-lora", "meta-bitfit", "ft", "none"), ("adapter", "lora", "bitfit"))}
+                           "it is going", ("meta", "meta-lora", "meta-bitfit", "ft{pe}", "none"), ("adapter", "lora", "bitfit"))}
 PRIMING_NAMES = {"meta": "PE inner loop (Alg. 1)", "maml": "MAML inner loop", "none": "no priming",
-                 "meta-lora": "LoRA inner loop", "meta-bitfit": "BitFit inner loop", "ft": "FT priming"}
+                 "meta-lora": "LoRA inner loop", "meta-bitfit": "BitFit inner loop", "ft{pe}": "FT priming, same θa"}
+matrix_priming = lambda row, method: row.format(pe="" if method == "adapter" else f"-{method}")
+# "Know where you're going" beyond the adapter: in each column, priming with that method's own inner
+# loop beats priming with another's, FT priming of the same θa, and none (the adapter's last two are 4 > 5, 4 > 3).
+ORDERINGS += [(f"{own}→{m} > {other}→{m}", (own, m), (other, m))
+              for m, own in [("adapter", "meta"), ("lora", "meta-lora"), ("bitfit", "meta-bitfit")]
+              for other in [matrix_priming(row, m) for row in MATRICES["figure4-pe"][1]]
+              if other != own and (m != "adapter" or other.startswith("meta-"))]
 
 
 def main(argv=None):
@@ -323,7 +331,7 @@ def prime(args):
     losses, curves = history["loss"], history["support_loss"]
     curve = [round(statistics.mean(c[s] for c in curves), 4) for s in range(len(curves[0]))] if curves else None
     priming = {**settings, "seconds": round(time.time() - started, 1),
-               "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)], "support_loss_by_inner_step": curve}
+               "loss_by_step": [round(loss, 4) for loss in losses], "support_loss_by_inner_step": curve}
     M.save_primed(model, tokenizer, priming, args.out)  # priming.json last: only now is it finished
     if os.path.isfile(state_path):
         os.remove(state_path)
@@ -596,9 +604,9 @@ def table(args):
         matrix = matrices[name] = {}
         for priming in primings:
             for method in methods:
-                means = [stat((priming, method, l))[0] for l in langs if stat((priming, method, l))]
+                means = [s[0] for l in langs if (s := stat((matrix_priming(priming, method), method, l)))]
                 matrix[priming, method] = statistics.mean(means) if len(means) == len(langs) else None
-            out.append(f"| {priming} | " + " | ".join(f"{matrix[priming, m]:.2f}" if matrix[priming, m] is not None
+            out.append(f"| {PRIMING_NAMES[priming]} | " + " | ".join(f"{matrix[priming, m]:.2f}" if matrix[priming, m] is not None
                                                       else "–" for m in methods) + " |")
     text = "\n".join(out) + "\n"
     with open(os.path.join(args.dir, "table.md.tmp"), "w", encoding="utf-8") as f:

@@ -434,6 +434,25 @@ def test_table_judges_an_ordering_only_against_a_spread(tmp_path):
     assert rows["| maml→full > meta→full"][0] == "tie (+0.50)"
 
 
+def test_the_matrix_beyond_the_adapter_compares_each_column_with_its_own_ft_priming(tmp_path):
+    """Figure 4 beyond the adapter: the FT-priming row holds, in each column, FT priming of that
+    column's θa (ft, ft-lora); the diagonal is judged against every other row of its column."""
+    runs = [("meta-lora", "lora", [60.0, 62.0]), ("meta", "lora", [50.0, 51.0]), ("ft-lora", "lora", [61.0, 65.0]),
+            ("ft", "adapter", [40.0, 41.0]), ("ft", "lora", [10.0, 11.0]), ("none", "lora", [20.0, 21.0])]
+    for priming, method, scores in runs:
+        for seed, score in enumerate(scores, 1):
+            kyg.append_result(str(tmp_path), {"priming": priming, "method": method, "lang": "hi", "seed": seed,
+                                              "test_f1": score})
+    kyg.main(["table", str(tmp_path)])
+    rows = {line.split(" | ")[0]: line.rstrip(" |\n").split(" | ")[1:]
+            for line in open(tmp_path / "table.md", encoding="utf-8") if line.startswith("| ")}
+    assert rows["| FT priming, same θa"] == ["40.50", "63.00", "–"]  # not ft→lora's 10.50
+    assert rows["| meta-lora→lora > meta→lora"] == ["held (+10.50)"]
+    assert rows["| meta-lora→lora > ft-lora→lora"] == ["tie (-2.00)"]
+    assert rows["| meta-lora→lora > none→lora"] == ["held (+40.50)"]
+    assert "| meta-bitfit→bitfit > ft-bitfit→bitfit" not in rows  # no runs: left out
+
+
 def test_table_keeps_the_learning_rate_with_the_best_dev_f1_and_pools_priming_seeds(tmp_path):
     """Rates are chosen on dev, never on test; runs from several priming seeds pool into one cell."""
     runs = [(1e-3, 1, 50.0, 60.0), (1e-3, 2, 52.0, 62.0), (1e-2, 1, 55.0, 40.0), (1e-2, 2, 57.0, 42.0)]
@@ -538,6 +557,8 @@ def test_a_killed_priming_resumes_and_ends_bit_identical(tiny, tmp_path, method)
     assert 0 < resumed_from < 60 and resumed_from % 5 == 0
     for name in ("model.safetensors", "adapter.safetensors"):
         assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    curve = lambda out: M.read_priming(str(out))["loss_by_step"]  # the loss of every step survives the kill
+    assert len(curve(tmp_path / "whole")) == 60 and curve(tmp_path / "killed") == curve(tmp_path / "whole")
 
 
 def test_a_killed_finetune_keeps_every_finished_run_and_redoes_the_killed_one(tiny, tmp_path):
@@ -630,7 +651,8 @@ def test_lora_and_bitfit_prime_and_tune_only_their_parameters(tiny, tmp_path, pe
         assert record["trainable_params"] == sum(v.numel() for v in saved.values())
         assert not record["config"]["cached_trunk"]
     kyg.main(["table", str(out)])  # the priming × tuning matrix beyond the adapter, with its diagonal cell
-    row = [line for line in open(out / "table.md", encoding="utf-8") if line.startswith(f"| meta-{pe} |")][0]
+    row = [line for line in open(out / "table.md", encoding="utf-8")
+           if line.startswith(f"| {kyg.PRIMING_NAMES[f'meta-{pe}']} |")][0]
     assert row.split(" | ")[{"lora": 2, "bitfit": 3}[pe]].replace(".", "").strip(" |\n").isdigit()
 
 
