@@ -88,7 +88,7 @@ MATRICES = {"figure4": ("Figure 4: average test F1 over the languages, priming �
             "figure4-pe": ("Figure 4 beyond the adapter: priming with each PE method's inner loop × tuning with "
                            "each, average test F1 over the languages; the diagonal is priming that knows where "
                            "it is going", ("meta", "meta-lora", "meta-bitfit", "ft{pe}", "none"), ("adapter", "lora", "bitfit"))}
-PRIMING_NAMES = {"meta": "PE inner loop (Alg. 1)", "maml": "MAML inner loop", "none": "no priming",
+PRIMING_NAMES = {"meta": "adapter inner loop (Alg. 1)", "maml": "MAML inner loop", "none": "no priming",
                  "meta-lora": "LoRA inner loop", "meta-bitfit": "BitFit inner loop", "ft{pe}": "FT priming, same θa"}
 matrix_priming = lambda row, method: row.format(pe="" if method == "adapter" else f"-{method}")
 # "Know where you're going" beyond the adapter: in each column, priming with that method's own inner
@@ -570,12 +570,11 @@ def table(args):
                 cells.append(", ".join(f"p{s}: {statistics.mean(v):.2f}" for s, v in sorted(by_seed.items())) or "–")
             out.append(f"| {p} → {m} | " + " | ".join(cells) + " |")
 
-    out += ["\n## Figure 3: full fine-tuning after each priming\n",
-            "Test F1, mean ± std over seeds (n). The paper gives these as bars only, without numbers.\n",
-            "| priming → full FT | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs)]
-    for priming in FIGURE4_PRIMING:
-        out.append(f"| {priming}: {PRIMING_NAMES[priming]} | " +
-                   " | ".join(cell(stat((priming, "full", l))) for l in langs) + " |")
+    if any(key[1] == "full" for key in scores):  # where full fine-tuning ran
+        out += ["\n## Figure 3: full fine-tuning after each priming\n",
+                "Test F1, mean ± std over seeds (n). The paper gives these as bars only, without numbers.\n"]
+        out += header("priming → full FT") + [f"| {priming}: {PRIMING_NAMES[priming]} | " + " | ".join(
+            cell(stat((priming, "full", l))) for l in langs) + " |" for priming in FIGURE4_PRIMING]
 
     out += ["\n## The paper's orderings, per language\n",
             "held: ours agree and the gap exceeds the larger seed std; tie: the gap is within it; "

@@ -429,7 +429,7 @@ def test_table_judges_an_ordering_only_against_a_spread(tmp_path):
     assert rows["| 4 > 5"][0] == "tie (+0.00)"
     assert rows["| 1/Full FT"][-1].startswith("70.50 / 86.73 (1 of 2 languages)")
     assert "languages)" not in rows["| 4/Meta Priming → AT"][-1]
-    assert rows["| meta: PE inner loop (Alg. 1)"] == ["72.50 ± 0.71 (2)", "–"]
+    assert rows["| meta: adapter inner loop (Alg. 1)"] == ["72.50 ± 0.71 (2)", "–"]
     assert rows["| meta→full > none→full"] == ["held (+2.00)", "–"]
     assert rows["| maml→full > meta→full"][0] == "tie (+0.50)"
 
@@ -451,6 +451,7 @@ def test_the_matrix_beyond_the_adapter_compares_each_column_with_its_own_ft_prim
     assert rows["| meta-lora→lora > ft-lora→lora"] == ["tie (-2.00)"]
     assert rows["| meta-lora→lora > none→lora"] == ["held (+40.50)"]
     assert "| meta-bitfit→bitfit > ft-bitfit→bitfit" not in rows  # no runs: left out
+    assert "Figure 3" not in (tmp_path / "table.md").read_text(encoding="utf-8")  # no full fine-tuning ran
 
 
 def test_table_keeps_the_learning_rate_with_the_best_dev_f1_and_pools_priming_seeds(tmp_path):
