@@ -577,8 +577,8 @@ def table(args):
             cell(stat((priming, "full", l))) for l in langs) + " |" for priming in FIGURE4_PRIMING]
 
     out += ["\n## The paper's orderings, per language\n",
-            "Table 1's and Figure 3's, then (`→lora`, `→bitfit`) the one §6 expects beyond the adapter: "
-            "each PE method is primed best by its own inner loop. "
+            "Table 1's and Figure 3's; then, in the claims naming meta-lora or meta-bitfit, the one §6 expects "
+            "beyond the adapter: each PE method is primed best by its own inner loop. "
             "held: ours agree and the gap exceeds the larger seed std; tie: the gap is within it; "
             "not held: ours disagree by more than it; one seed: a side has a single run, so no spread to judge by.\n",
             "| claim | " + " | ".join(langs) + " |", "|---|" + "---|" * len(langs)]
