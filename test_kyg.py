@@ -451,7 +451,7 @@ def test_the_matrix_beyond_the_adapter_compares_each_column_with_its_own_ft_prim
     assert rows["| meta-lora→lora > ft-lora→lora"] == ["tie (-2.00)"]
     assert rows["| meta-lora→lora > none→lora"] == ["held (+40.50)"]
     assert "| meta-bitfit→bitfit > ft-bitfit→bitfit" not in rows  # no runs: left out
-    assert "Figure 3" not in (tmp_path / "table.md").read_text(encoding="utf-8")  # no full fine-tuning ran
+    assert "## Figure 3" not in (tmp_path / "table.md").read_text(encoding="utf-8")  # no full fine-tuning ran
 
 
 def test_table_keeps_the_learning_rate_with_the_best_dev_f1_and_pools_priming_seeds(tmp_path):
