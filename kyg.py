@@ -93,8 +93,8 @@ PRIMING_NAMES = {"meta": "adapter inner loop (Alg. 1)", "maml": "MAML inner loop
 matrix_priming = lambda row, method: row.format(pe="" if method == "adapter" else f"-{method}")
 # "Know where you're going" beyond the adapter: in each column, priming with that method's own inner
 # loop beats priming with another's, FT priming of the same θa, and none (the adapter's last two are 4 > 5, 4 > 3).
-ORDERINGS += [(f"{own}→{m} > {other}→{m}", (own, m), (other, m))
-              for m, own in [("adapter", "meta"), ("lora", "meta-lora"), ("bitfit", "meta-bitfit")]
+OWN_INNER_LOOP = {"adapter": "meta", "lora": "meta-lora", "bitfit": "meta-bitfit"}  # the matrix's diagonal
+ORDERINGS += [(f"{own}→{m} > {other}→{m}", (own, m), (other, m)) for m, own in OWN_INNER_LOOP.items()
               for other in [matrix_priming(row, m) for row in MATRICES["figure4-pe"][1]]
               if other != own and (m != "adapter" or other.startswith("meta-"))]
 
@@ -649,10 +649,12 @@ def plot(directory, scores, langs, matrices):
                 dark = value == value and image.norm(value) > 0.5
                 ax.text(j, i, f"{value:.2f}" if value == value else "not run", ha="center", va="center",
                         color="white" if dark else "black")
+                if OWN_INNER_LOOP.get(methods[j]) == primings[i] and name == "figure4-pe":  # the diagonal
+                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2.5, ec="black"))
         ax.set_xticks(range(len(methods)), methods)
         ax.set_xlabel("fine-tuning")
         ax.set_yticks(range(len(primings)), [PRIMING_NAMES.get(p, f"{p} priming") for p in primings])
-        ax.set_title("average test F1")
+        ax.set_title("average test F1" + (" (boxed: own inner loop)" if name == "figure4-pe" else ""))
         fig.tight_layout()
         fig.savefig(os.path.join(directory, f"{name}.png"), dpi=120)
     return "kyg: wrote " + ", ".join(f"{directory}/{name}.png" for name in drawn + list(matrices))
