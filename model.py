@@ -262,7 +262,11 @@ def load_primed(model, directory):
     if priming["pe"] == model.pe:
         with torch.no_grad():
             for name, p in named_params(model, "adapter").items():
-                p.copy_(adapter[name])
+                # kyg before LoRA and BitFit saved the adapter module's own names (down.weight)
+                stored = adapter.get(name, adapter.get(name.removeprefix("adapter.")))
+                if stored is None:
+                    raise KygError(f"{directory}/adapter.safetensors lacks {name}; delete {directory} and prime again")
+                p.copy_(stored)
     return priming
 
 

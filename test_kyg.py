@@ -527,6 +527,22 @@ def test_a_primed_model_is_a_hugging_face_directory_holding_the_primed_weights(t
     assert not list(tmp_path.glob("m/*state*"))  # the resumable state goes once priming is finished
 
 
+def test_a_directory_primed_before_lora_and_bitfit_still_loads(tiny, tmp_path):
+    """Until LoRA and BitFit, adapter.safetensors held the adapter's own names (down.weight, not
+    adapter.down.weight); such directories (results/small/primed) load as they did."""
+    kyg.main(["prime", "--method", "meta", "--source", "en", "--steps", "2", "--support-size", "8", "--query-size",
+              "8", "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(tmp_path / "m")])
+    path = str(tmp_path / "m" / "adapter.safetensors")
+    primed = M.load_tensors(path)[0]
+    M.save_tensors({n.removeprefix("adapter."): v for n, v in primed.items()}, path)
+    model, _ = M.load(tiny["model"], ["hi"])
+    M.load_primed(model, str(tmp_path / "m"))
+    assert all(torch.equal(p, primed[n]) for n, p in M.named_params(model, "adapter").items())
+    M.save_tensors({"down.weight": primed["adapter.down.weight"]}, path)
+    with pytest.raises(M.KygError, match="lacks adapter.down.bias; delete"):
+        M.load_primed(model, str(tmp_path / "m"))
+
+
 def run_kyg(*args):
     return subprocess.run([sys.executable, os.path.join(HERE, "kyg.py"), *args], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
