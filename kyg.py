@@ -83,17 +83,17 @@ FIGURE4_PRIMING, FIGURE4_FINETUNING = ("meta", "maml", "none"), ("adapter", "ful
 # Priming × fine-tuning matrices, each averaged over the languages: file -> (title, rows, columns).
 # The second, Figure 4 beyond the adapter (LoRA, BitFit), only where such runs exist; its row "ft{pe}"
 # is FT priming of the column's θa (ft, ft-lora, ft-bitfit): the baseline each diagonal cell must beat.
+OWN_INNER_LOOP = {"adapter": "meta", "lora": "meta-lora", "bitfit": "meta-bitfit"}  # the matrix's diagonal
 MATRICES = {"figure4": ("Figure 4: average test F1 over the languages, priming × fine-tuning",
                         FIGURE4_PRIMING, FIGURE4_FINETUNING),
             "figure4-pe": ("Figure 4 beyond the adapter: priming with each PE method's inner loop × tuning with "
                            "each, average test F1 over the languages; the diagonal is priming that knows where "
-                           "it is going", ("meta", "meta-lora", "meta-bitfit", "ft{pe}", "none"), ("adapter", "lora", "bitfit"))}
+                           "it is going", (*OWN_INNER_LOOP.values(), "ft{pe}", "none"), tuple(OWN_INNER_LOOP))}
 PRIMING_NAMES = {"meta": "adapter inner loop (Alg. 1)", "maml": "MAML inner loop", "none": "no priming",
                  "meta-lora": "LoRA inner loop", "meta-bitfit": "BitFit inner loop", "ft{pe}": "FT priming, same θa"}
 matrix_priming = lambda row, method: row.format(pe="" if method == "adapter" else f"-{method}")
 # "Know where you're going" beyond the adapter: in each column, priming with that method's own inner
 # loop beats priming with another's, FT priming of the same θa, and none (the adapter's last two are 4 > 5, 4 > 3).
-OWN_INNER_LOOP = {"adapter": "meta", "lora": "meta-lora", "bitfit": "meta-bitfit"}  # the matrix's diagonal
 ORDERINGS += [(f"{own}→{m} > {other}→{m}", (own, m), (other, m)) for m, own in OWN_INNER_LOOP.items()
               for other in [matrix_priming(row, m) for row in MATRICES["figure4-pe"][1]]
               if other != own and (m != "adapter" or other.startswith("meta-"))]
