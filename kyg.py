@@ -569,6 +569,18 @@ def table(args):
                     by_seed.setdefault(priming_seed(r), []).append(r["test_f1"])
                 cells.append(", ".join(f"p{s}: {statistics.mean(v):.2f}" for s, v in sorted(by_seed.items())) or "–")
             out.append(f"| {p} → {m} | " + " | ".join(cells) + " |")
+    curves = {(r["priming"], p["seed"]): p for r in results if (p := r.get("priming_config") or {}).get("loss_by_step")}
+    if curves:  # e.g. whether row 5b's heads learn where row 5's barely move
+        out += ["\n## Priming loss\n", "Each priming's loss, averaged over each tenth of its steps: meta and maml, "
+                "the query loss after the inner loop; ft, the loss of the support and query batches, each summed "
+                "over a step's tasks. Then its length in steps and in minutes.\n",
+                "| priming (seed) | " + " | ".join(f"{10 * i}–{10 * i + 10}%" for i in range(10)) + " | steps | min |",
+                "|---|" + "---|" * 12]
+        for (priming, seed), p in sorted(curves.items()):
+            loss, n = p["loss_by_step"], len(p["loss_by_step"])
+            tenths = [loss[i * n // 10:max((i + 1) * n // 10, i * n // 10 + 1)] for i in range(10)]
+            out.append(f"| {priming} ({seed}) | " + " | ".join(f"{statistics.mean(t):.3f}" for t in tenths) +
+                       f" | {n} | {p['seconds'] / 60:.0f} |")
 
     if any(key[1] == "full" for key in scores):  # where full fine-tuning ran
         out += ["\n## Figure 3: full fine-tuning after each priming\n",

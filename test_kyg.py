@@ -472,6 +472,23 @@ def test_table_keeps_the_learning_rate_with_the_best_dev_f1_and_pools_priming_se
     assert rows["| meta → adapter"] == ["p1: 71.00, p2: 61.00"]
 
 
+def test_the_table_shows_each_primings_loss_over_its_steps(tmp_path):
+    """Row 5b's control is only a control if its heads learn: the table averages each priming's loss
+    over each tenth of its steps, from the curve every record carries (older ones carry none)."""
+    for priming, seed, curve in (("ft-head0.001", 1, [float(x) for x in range(20, 0, -1)]), ("meta", 2, [3.0]),
+                                 ("ft", 1, None)):
+        kyg.append_result(str(tmp_path), {"priming": priming, "method": "adapter", "lang": "hi", "seed": 1,
+                                          "test_f1": 50.0, "priming_config": {"seed": seed, "loss_by_step": curve,
+                                                                              "seconds": 120.0}})
+    kyg.main(["table", str(tmp_path)])
+    rows = {line.split(" | ")[0]: line.rstrip(" |\n").split(" | ")[1:]
+            for line in open(tmp_path / "table.md", encoding="utf-8") if line.startswith("| ")}
+    assert rows["| ft-head0.001 (1)"] == ["19.500", "17.500", "15.500", "13.500", "11.500", "9.500", "7.500",
+                                          "5.500", "3.500", "1.500", "20", "2"]
+    assert rows["| meta (2)"] == ["3.000"] * 10 + ["1", "2"]  # one step fills every tenth
+    assert "| ft (1)" not in rows
+
+
 def test_several_learning_rates_run_in_one_process_and_are_recorded(tiny, tmp_path):
     args = ["finetune", "--method", "head", "--lang", "hi", "--lr", "1e-3", "3e-3", "--epochs", "1",
             "--model", tiny["model"], "--data-dir", tiny["data"], "--no-save", "--out", str(tmp_path)]
