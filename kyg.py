@@ -612,13 +612,19 @@ def table(args):
     for name, (title, primings, methods) in MATRICES.items():
         if name != "figure4" and not any(key[1] in ("lora", "bitfit") for key in scores):
             continue
-        out += [f"\n## {title}\n", "| priming ↓ fine-tuning → | " + " | ".join(methods) + " |",
-                "|---|" + "---|" * len(methods)]
-        matrix = matrices[name] = {}
+        matrix = {}
         for priming in primings:
             for method in methods:
                 means = [s[0] for l in langs if (s := stat((matrix_priming(priming, method), method, l)))]
                 matrix[priming, method] = statistics.mean(means) if len(means) == len(langs) else None
+        primings = [p for p in primings if any(matrix[p, m] is not None for m in methods)]  # rows and columns
+        methods = [m for m in methods if any(matrix[p, m] is not None for p in primings)]   # not run are left out
+        if not methods:
+            continue
+        matrices[name] = primings, methods, matrix
+        out += [f"\n## {title}\n", "| priming ↓ fine-tuning → | " + " | ".join(methods) + " |",
+                "|---|" + "---|" * len(methods)]
+        for priming in primings:
             out.append(f"| {PRIMING_NAMES[priming]} | " + " | ".join(f"{matrix[priming, m]:.2f}" if matrix[priming, m] is not None
                                                       else "–" for m in methods) + " |")
     text = "\n".join(out) + "\n"
@@ -651,9 +657,8 @@ def plot(directory, scores, langs, matrices):
         ax.legend(fontsize=8, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)  # clear of the points
         fig.tight_layout()
         fig.savefig(os.path.join(directory, "figure3.png"), dpi=120)
-    for name, matrix in matrices.items():
-        _, primings, methods = MATRICES[name]
-        fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(methods), 0.8 + 0.8 * len(primings)))
+    for name, (primings, methods, matrix) in matrices.items():
+        fig, ax = plt.subplots(figsize=(3.2 + 1.3 * len(methods), 0.8 + 0.8 * len(primings)))
         grid = [[matrix[p, m] if matrix[p, m] is not None else float("nan") for m in methods] for p in primings]
         image = ax.imshow(grid, cmap="Greens")
         for i, row in enumerate(grid):
