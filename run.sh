@@ -90,7 +90,8 @@ prime() {  # prime LABEL SEED -> the primed model directory, primed first unless
     local dir=$OUT/primed/$1 flags=()
     [[ $2 != 1 ]] && dir+=-seed$2
     [[ $1 == *-lora* ]] && flags+=(--pe lora)                      # the label says how: LoRA's or
-    [[ $1 == *-bitfit* ]] && flags+=(--pe bitfit)                  # BitFit's inner loop, S = 1,
+    [[ $1 == *-bitfit* ]] && flags+=(--pe bitfit)                  # BitFit's inner loop,
+    [[ $1 == *-S1* ]] && flags+=(--inner-steps 1)                  # S = 1 (row 7),
     [[ $1 == *-head* ]] && flags+=(--head-lr "${1#*-head}")        # FT priming's head rate,
     [[ $1 == *-2nd ]] && flags+=(--second-order)                   # the exact meta-gradient
     python kyg.py prime --method "${1%%-*}" --seed "$2" "${flags[@]}" "${PRIME[@]}" "${COMMON[@]}" --out "$dir" >&2

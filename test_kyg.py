@@ -409,6 +409,17 @@ def test_every_table1_row_runs_from_the_command_line_and_writes_a_result(tiny, t
     assert "| 4/Meta Priming → AT |" in table and "| 4 > 3 |" in table and "/ 81.25" in table
 
 
+def test_run_sh_primes_each_row_as_its_label_says(tmp_path):
+    """run.sh turns a row's priming label into `kyg.py prime` flags; the priming that ran must be the
+    one the label names (row 7 once ran with S = 5 under the name meta-S1)."""
+    rows = {"7-2nd": "meta-S1-2nd", "5b": "ft-head0.001", "meta-lora:lora": "meta-lora"}
+    env = {**os.environ, "KYG_OUT": str(tmp_path), "KYG_ROWS": " ".join(rows), "KYG_LANGS": "hi", "KYG_SEEDS": "1",
+           "KYG_LRS": "1e-3", "KYG_PRIME_SEEDS": "1"}
+    subprocess.run(["bash", "run.sh", "smoke"], cwd=os.path.dirname(os.path.abspath(__file__)), env=env, check=True,
+                   capture_output=True)
+    assert {r["priming"] for r in kyg.read_results(str(tmp_path))} == set(rows.values())
+
+
 def test_table_judges_an_ordering_only_against_a_spread(tmp_path):
     """A claim is 'held' only when the gap exceeds the seed spread: with one seed there is no spread,
     and an average over fewer languages than the table shows says so. Figure 3's claims (full
