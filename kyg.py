@@ -142,7 +142,8 @@ def parser():
     q = sub.add_parser("prime", help="prime θp and θa on the source languages (Alg. 1, or setting 5)")
     shared(q)
     q.add_argument("--method", choices=["meta", "ft", "maml"], required=True,
-                   help="meta: Algorithm 1; ft: multi-task fine-tuning (setting 5); maml: with the red line")
+                   help="meta: Algorithm 1; ft: multi-task fine-tuning (setting 5); maml: with the red line (first-order "
+                        "MAML, as the paper's row 6)")
     q.add_argument("--pe", choices=["adapter", "lora", "bitfit"], default="adapter",
                    help="the parameter-efficient method θa belongs to, and so what the inner loop trains (default: "
                         "the paper's adapter)")
@@ -297,6 +298,10 @@ def prime(args):
                for lang in args.source}
     sampler = TaskSampler(sources, args.support_size, args.query_size, args.seed)
     steps = settings["steps"] = args.steps or sampler.steps_per_pass()
+    smallest = min(len(examples) for examples in sources.values())
+    why = "--steps" if args.steps else f"one pass over {smallest} sentences, the smallest source language's " \
+        f"training sentences, {args.support_size} + {args.query_size} a task"
+    print(f"kyg: priming takes {steps} {'meta-steps' if args.method != 'ft' else 'updates'} ({why})")
     optimizer, scheduler = priming_optimizer(model, args.method, args.meta_lr, steps, args.head_lr)
     history = {"loss": [], "support_loss": [], "seconds": 0.0}
     if saved:

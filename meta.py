@@ -38,7 +38,7 @@ still gets no meta-gradient (line 15), so its copy starts detached.
 (model.py): the loop is the same, since it only asks which parameters are θa.
 
 Variants: "pe" (the paper's, settings 4 and 7) updates θa and θh in the inner loop; "maml"
-(setting 6) also runs the red line. `fine_tune_step()` is setting 5, priming by plain multi-task
+(setting 6) also runs the red line: first-order MAML, as the paper's (§4.2 applies to both). `fine_tune_step()` is setting 5, priming by plain multi-task
 fine-tuning on the same data with the same optimizer, schedule and number of updates.
 """
 import torch

@@ -128,6 +128,20 @@ def test_tasks_are_disjoint_support_and_query_one_per_language(tagger, tiny):
     assert sampler.steps_per_pass() == 80 // 12
 
 
+def test_a_pass_over_the_source_data_draws_each_sentence_once(tagger, tiny):
+    """Alg. 1, line 7: steps_per_pass() meta-batches see every sentence of a language at most once
+    (catches sampling with replacement, or a queue reshuffled before it is used up)."""
+    _, tokenizer = tagger
+    examples = {lang: D.encode(D.load_split(lang, "train", tiny["data"]), tokenizer, 64) for lang in ("en", "es")}
+    sampler = D.TaskSampler(examples, 8, 4, seed=0)
+    seen = {"en": [], "es": []}
+    for _ in range(sampler.steps_per_pass()):
+        for lang, support, query in sampler.sample():
+            seen[lang] += [id(e) for e in support + query]
+    for lang, ids in seen.items():
+        assert len(ids) == len(set(ids)) == sampler.steps_per_pass() * 12, lang
+
+
 @pytest.mark.parametrize("problem, fix", [
     ("unknown language", "has en, es, hi"),
     ("missing file", "every language needs train, dev and test"),
@@ -238,34 +252,95 @@ def constant_lr(optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def test_first_order_meta_gradient_is_the_query_gradient_at_the_adapted_parameters(any_pe_tagger, tiny):
-    model, tokenizer = any_pe_tagger
-    support, query = batch_of(tiny, tokenizer, "en", 0, 8), batch_of(tiny, tokenizer, "en", 8, 8)
-    alpha = 0.03
-
-    # By hand, on a copy: one SGD step on θa and θh with the support loss, then ∇ of the query
-    # loss with respect to θp and the adapted θa.
+def by_hand(model, support, query, lang, inner_steps, alpha, red_line=False):
+    """Alg. 1 for one task written out on a deep copy, independently of meta.py: S steps of plain
+    SGD on θa^i and θh^i (and, on the red line, θp^i), each at the gradient of that step, then the
+    query loss's gradient at θ^i. Returns it for θp and θa: the first-order meta-gradient."""
     hand = copy.deepcopy(model)
-    inner = [p for n, p in hand.named_parameters() if M.group_of(n, hand.pe) == "adapter" or n.startswith("heads.en.")]
-    grads = torch.autograd.grad(M.token_loss(hand("en", support["input_ids"], support["attention_mask"]),
-                                             support["labels"]), inner)
-    with torch.no_grad():
-        for p, g in zip(inner, grads):
-            p -= alpha * g
-    M.token_loss(hand("en", query["input_ids"], query["attention_mask"]), query["labels"]).backward()
-    expected = {n: p.grad for n, p in hand.named_parameters() if not n.startswith("heads.")}
+    inner = [p for n, p in hand.named_parameters() if n.startswith(f"heads.{lang}.") or
+             M.group_of(n, hand.pe) == "adapter" or (red_line and M.group_of(n, hand.pe) == "pretrained")]
+    for _ in range(inner_steps):
+        support_loss = M.token_loss(hand(lang, support["input_ids"], support["attention_mask"]), support["labels"])
+        grads = torch.autograd.grad(support_loss, inner)
+        with torch.no_grad():
+            for p, g in zip(inner, grads):
+                p -= alpha * g
+    M.token_loss(hand(lang, query["input_ids"], query["attention_mask"]), query["labels"]).backward()
+    return {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in hand.named_parameters()
+            if not n.startswith("heads.")}
 
-    # kyg's meta-step, with plain SGD at learning rate 1 so that the update is minus the gradient.
+
+def change_under_sgd(model, tasks, inner_steps, alpha, variant="pe"):
+    """θ before − θ after one meta_step with plain SGD at learning rate 1: the meta-gradient it applied."""
     before = snapshot(model)
-    params = list(M.named_params(model, "pretrained", "adapter").values())
-    sgd = torch.optim.SGD(params, lr=1.0)
-    meta.meta_step(model, sgd, constant_lr(sgd), [("en", support, query)], inner_steps=1, inner_lr=alpha)
-    for name, p in model.named_parameters():
-        if name.startswith("heads."):
-            continue
-        grad = expected[name] if expected[name] is not None else torch.zeros_like(p)
-        torch.testing.assert_close(before[name] - p.detach(), grad, rtol=1e-4, atol=1e-6, msg=name)
-    assert any(expected[n].abs().sum() > 0 for n in expected if n.startswith("encoder."))
+    meta_params = M.named_params(model, "pretrained", "adapter")
+    sgd = torch.optim.SGD(meta_params.values(), lr=1.0)
+    meta.meta_step(model, sgd, constant_lr(sgd), tasks, inner_steps=inner_steps, inner_lr=alpha, variant=variant)
+    return {n: before[n] - p.detach() for n, p in meta_params.items()}
+
+
+def two_tasks(tiny, tokenizer):
+    return [(lang, batch_of(tiny, tokenizer, lang, 0, 8), batch_of(tiny, tokenizer, lang, 8, 8)) for lang in ("en", "es")]
+
+
+def test_first_order_meta_gradient_is_the_query_gradient_at_the_adapted_parameters(any_pe_tagger, tiny):
+    """Lines 10-11 and 14 for one task, S = 3: catches an inner loop that reuses its first step's
+    gradient at every step, and a meta-gradient taken at θ instead of at θ^i."""
+    model, tokenizer = any_pe_tagger
+    [task] = two_tasks(tiny, tokenizer)[:1]
+    expected = by_hand(model, *task[1:], "en", inner_steps=3, alpha=0.03)
+    applied = change_under_sgd(model, [task], inner_steps=3, alpha=0.03)
+    for name, grad in expected.items():
+        torch.testing.assert_close(applied[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert any(expected[n].abs().sum() > 0 for n in expected if M.group_of(n, model.pe) == "pretrained")
+
+
+def test_the_meta_gradient_of_a_batch_of_tasks_is_the_sum_of_each_tasks(any_pe_tagger, tiny):
+    """Line 14's Σ over 𝒯i: with plain SGD at lr 1, θp and θa move by g(en) + g(es), each computed
+    by hand. Catches a gradient overwritten by the next task, averaged, or stepped per task."""
+    model, tokenizer = any_pe_tagger
+    tasks = two_tasks(tiny, tokenizer)
+    expected = [by_hand(model, support, query, lang, inner_steps=2, alpha=0.03) for lang, support, query in tasks]
+    applied = change_under_sgd(model, tasks, inner_steps=2, alpha=0.03)
+    for name in applied:
+        torch.testing.assert_close(applied[name], expected[0][name] + expected[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_meta_step_starts_from_zero_gradients_and_steps_optimizer_and_schedule_once(tagger, tiny):
+    """Line 14 is one update per meta-step: a second meta-step at lr 0 leaves in .grad exactly what
+    the same step leaves from fresh gradients (catches a missing zero_grad), and the optimizer and
+    the scheduler step once per meta-step, not once per task."""
+    model, tokenizer = tagger
+    tasks = two_tasks(tiny, tokenizer)
+    sgd = torch.optim.SGD(M.named_params(model, "pretrained", "adapter").values(), lr=0.0)
+    steps = []
+    sgd.register_step_post_hook(lambda *_: steps.append("optimizer"))
+    scheduler = constant_lr(sgd)
+    meta.meta_step(model, sgd, scheduler, tasks, inner_steps=2, inner_lr=0.03)
+    assert steps == ["optimizer"] and scheduler.last_epoch == 1
+    fresh = copy.deepcopy(model)  # θh is now θh^1 (line 15); θp and θa did not move at lr 0
+    meta.meta_step(model, sgd, scheduler, tasks, inner_steps=2, inner_lr=0.03)
+    fresh_sgd = torch.optim.SGD(M.named_params(fresh, "pretrained", "adapter").values(), lr=0.0)
+    for p in fresh.parameters():
+        p.grad = None
+    meta.meta_step(fresh, fresh_sgd, constant_lr(fresh_sgd), tasks, inner_steps=2, inner_lr=0.03)
+    for (name, p), q in zip(M.named_params(model, "pretrained", "adapter").items(),
+                            M.named_params(fresh, "pretrained", "adapter").values()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-7, msg=name)
+    assert steps == ["optimizer"] * 2 and scheduler.last_epoch == 2
+
+
+def test_the_maml_loops_meta_gradient_reaches_theta_p_through_its_adapted_copy(tagger, tiny):
+    """Row 6, the red line, first order: S steps of SGD on all of θ in a copy, then the query
+    gradient at the copy, for θp as for θa. Catches a meta_step that drops the θp gradients living
+    in the inner copies (row 6 would silently become adapter-only priming)."""
+    model, tokenizer = tagger
+    tasks = two_tasks(tiny, tokenizer)
+    expected = [by_hand(model, s, q, lang, inner_steps=2, alpha=1e-2, red_line=True) for lang, s, q in tasks]
+    applied = change_under_sgd(model, tasks, inner_steps=2, alpha=1e-2, variant="maml")
+    for name in applied:
+        torch.testing.assert_close(applied[name], expected[0][name] + expected[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    assert any(applied[n].abs().sum() > 0 for n in applied if M.group_of(n) == "pretrained")
 
 
 def meta_gradient(model, tasks, inner_steps, second_order):
@@ -335,6 +410,17 @@ def test_second_order_meta_gradient_agrees_with_finite_differences_along_theta_p
     assert numeric == pytest.approx(analytic, rel=1e-6)
 
 
+def test_second_order_meta_gradient_of_a_batch_of_tasks_is_the_sum_of_each_tasks(tagger, tiny):
+    """Line 14's Σ with the exact meta-gradient: catches per-task zeroing of .grad on that path."""
+    model, tokenizer = tagger
+    model.double()
+    tasks = two_tasks(tiny, tokenizer)
+    exact = [unrolled_meta_gradient(model, support, query, lang, inner_steps=2, lr=0.03) for lang, support, query in tasks]
+    second = meta_gradient(model, tasks, 2, second_order=True)
+    for name in second:
+        torch.testing.assert_close(second[name], exact[0][name] + exact[1][name], rtol=0, atol=1e-10, msg=name)
+
+
 def test_meta_step_sets_each_head_to_its_first_task_adapted_head_and_moves_theta(tagger, tiny):
     model, tokenizer = tagger
     tasks = [("en", batch_of(tiny, tokenizer, "en", 0, 8), batch_of(tiny, tokenizer, "en", 8, 8)),
@@ -365,6 +451,21 @@ def test_fine_tuning_priming_updates_every_group(tagger, tiny):
     moved = {M.group_of(n) for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved == {"pretrained", "adapter", "head"}
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n.startswith("heads.es."))
+
+
+def test_fine_tuning_priming_steps_on_the_support_and_query_loss_together(tagger, tiny):
+    """Setting 5 sees the sentences a meta-step sees: one update on the sum of each task's support
+    and query loss (plain SGD at lr 1 moves θ by minus its gradient). Catches a step on one batch."""
+    model, tokenizer = tagger
+    tasks = two_tasks(tiny, tokenizer)
+    hand = copy.deepcopy(model)
+    sum(M.token_loss(hand(lang, b["input_ids"], b["attention_mask"]), b["labels"])
+        for lang, support, query in tasks for b in (support, query)).backward()
+    before = snapshot(model)
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+    meta.fine_tune_step(model, sgd, constant_lr(sgd), tasks)
+    for (name, p), q in zip(model.named_parameters(), hand.parameters()):
+        torch.testing.assert_close(before[name] - p.detach(), q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_meta_priming_lowers_the_query_loss(tagger, tiny):
