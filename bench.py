@@ -8,7 +8,7 @@ Each measurement is repeated and its median reported; all of them run in this on
 device, so the ratios hold even on a noisy machine while the absolute times do not:
     ft step      forward + backward + AdamW over the whole model (the unit)
     forward      the encoder's forward without gradients
-    meta cached  one meta-step of Algorithm 1 ("pe" inner loop, 2 tasks, S = 5), trunk computed once
+    meta cached  one meta-step of Algorithm 1 ("meta" inner loop, 2 tasks, S = 5), trunk computed once
     meta full    the same meta-step running the whole model at every inner step (line by line)
     maml         one meta-step with the MAML inner loop (setting 6)
     2nd cached   the meta-step with the exact (second-order) meta-gradient, trunk computed once
@@ -95,13 +95,13 @@ def run(args):
         with torch.no_grad():
             model.encode(batches[0]["input_ids"], batches[0]["attention_mask"])
 
-    meta_opt = torch.optim.AdamW(named_params(model, "pretrained", "adapter").values(), lr=1e-5, fused=fused)
+    meta_opt = torch.optim.AdamW(named_params(model, "pretrained", "pe").values(), lr=1e-5, fused=fused)
     meta_sched = one_cycle(meta_opt)
     step = lambda variant, cache, lr, second_order=False: lambda: meta.meta_step(
-        model, meta_opt, meta_sched, tasks, 5, lr, variant, cache, second_order)
-    cases = {"ft step": ft_step, "forward": forward, "meta cached": step("pe", True, 0.03),
-             "meta full": step("pe", False, 0.03), "maml": step("maml", False, 1e-4),
-             "2nd cached": step("pe", True, 0.03, True), "2nd full": step("pe", False, 0.03, True)}
+        model, meta_opt, meta_sched, tasks, meta.InnerLoop(variant, 5, lr, second_order, cache))
+    cases = {"ft step": ft_step, "forward": forward, "meta cached": step("meta", True, 0.03),
+             "meta full": step("meta", False, 0.03), "maml": step("maml", False, 1e-4),
+             "2nd cached": step("meta", True, 0.03, True), "2nd full": step("meta", False, 0.03, True)}
     results = {}
     for name, fn in cases.items():
         results[name] = measure(fn, device, args.repeats)

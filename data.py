@@ -19,15 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
+from report import KygError
+
 # The WikiAnn tag set, in the hub's class-id order (ids 0..6).
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
 LABEL_ID = {tag: i for i, tag in enumerate(LABELS)}
 SPLITS = ("train", "dev", "test")
 HUB_DATASET = "unimelb-nlp/wikiann"
-
-
-class KygError(Exception):
-    """Bad input the user can fix. kyg.py prints it as one line; the message names the fix."""
 
 
 @dataclass
@@ -70,12 +68,16 @@ def _read_local(lang, split, data_dir):
 
 
 def read_conll(path):
-    """`token<TAB>tag` lines, blank line between sentences -> [Sentence]."""
+    """`token<TAB>tag` lines, blank line between sentences, UTF-8 -> [Sentence]."""
     opener = gzip.open if path.endswith(".gz") else open
     sentences, words, tags = [], [], []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.rstrip("\n")
+    with opener(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise KygError(f"{path}:{line_no}: byte {raw[e.start]:#04x} at column {e.start + 1} is not UTF-8; "
+                               f"convert the file to UTF-8 (say, iconv -f latin1 -t utf-8)")
             if not line.strip():
                 if words:
                     sentences.append(Sentence(words, tags))

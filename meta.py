@@ -1,13 +1,13 @@
 """Priming: Algorithm 1 of the paper, line by line, and the fine-tuning priming it is compared to.
 
     Algorithm 1 (Gheini, Ma, May), with θ = θp ∪ θa ∪ θh:
-     6  while not converged do                                   prime(): `steps` meta-steps
+     6  while not converged do                                   prime(): one meta-step per batch
      7      sample a batch of tasks 𝒯                            TaskSampler.sample()  (data.py)
      8      for all 𝒯i ∈ 𝒯 do                                    meta_step()
      9          θ^i = θ                                          adapt()
     10          for s ← 1..S do                                  adapt()
     11              θa^i ← θa^i − α∇L(f_θ^i, 𝒟tr);  θh^i ← θh^i − α∇L(f_θ^i, 𝒟tr)
-                    [θp^i ← θp^i − α∇L(f_θ^i, 𝒟tr)]   the red line: MAML only ("maml")
+                    [θp^i ← θp^i − α∇L(f_θ^i, 𝒟tr)]   the red line: MAML only (variant "maml")
     14      θa ← θa − β∇Σ L(f_θ^i, 𝒟ts);  θp ← θp − β∇Σ L(f_θ^i, 𝒟ts)   meta_step(), first order
                                                        (or second); AdamW: priming_optimizer()
     15      θh = θh^1                                            meta_step()
@@ -20,11 +20,11 @@ other parameter from the model itself. No model is ever deep-copied.
 First-order (§4.2): the meta-gradient is the gradient of the query loss at the adapted
 parameters θ^i, used as the gradient at θ. So the inner steps are never differentiated through:
 each update is detached, and the query loss backpropagates into the θ^i tensors (for θa, and for
-θp in "maml") or, where θ^i is θ itself (θp in "pe"), straight into the model's own .grad.
+θp in "maml") or, where θ^i is θ itself (θp in "meta"), straight into the model's own .grad.
 
-Second order (`second_order`, "pe" only; the paper uses first order "as a workaround", §4.2):
+Second order (`second_order`, "meta" only; the paper uses first order "as a workaround", §4.2):
 the exact meta-gradient differentiates through the S inner steps. Write h = f(x_tr; θp) for the
-trunk's features of the support batch. The "pe" inner loop only ever sees θp through h:
+trunk's features of the support batch. The "meta" inner loop only ever sees θp through h:
     φ_0 = (θa, θh),   φ_{s+1} = φ_s − α ∇_φ L_tr(φ_s; h),   query loss  L_ts(θp, φ_S)
 so φ_S is a function of θa and of h, and by the chain rule
     dL_ts/dθa = ∂L_ts/∂φ_S · dφ_S/dθa,          dφ_{s+1}/dφ_s = I − α ∇²_φ L      (S small steps back)
@@ -34,19 +34,35 @@ by one backward through the trunk, not S of them. Autograd does all of it when h
 graph and each inner update is built with create_graph=True; that is the whole change. θh
 still gets no meta-gradient (line 15), so its copy starts detached.
 
-θa is the adapter in the paper; `model.pe` may make it LoRA's factors or BitFit's biases
-(model.py): the loop is the same, since it only asks which parameters are θa.
+θa is the adapter in the paper; `model.pe_method` may make it LoRA's factors or BitFit's
+biases (model.py): the loop is the same, since it only asks which parameters are θa (group "pe").
 
-Variants: "pe" (the paper's, settings 4 and 7) updates θa and θh in the inner loop; "maml"
-(setting 6) also runs the red line: first-order MAML, as the paper's (§4.2 applies to both). `fine_tune_step()` is setting 5, priming by plain multi-task
+Variants, named as `kyg.py prime --method` names them: "meta" (Algorithm 1, settings 4 and 7)
+updates θa and θh in the inner loop; "maml" (setting 6) also runs the red line: first-order
+MAML, as the paper's (§4.2 applies to both). `fine_tune_step()` is setting 5, priming by plain multi-task
 fine-tuning on the same data with the same optimizer, schedule and number of updates.
 """
+from dataclasses import dataclass
+
 import torch
 from torch.func import functional_call
 
 from model import group_of, named_params, token_loss
 
-INNER_GROUPS = {"pe": ("adapter", "head"), "maml": ("pretrained", "adapter", "head")}
+INNER_GROUPS = {"meta": ("pe", "head"), "maml": ("pretrained", "pe", "head")}
+
+
+@dataclass(frozen=True)
+class InnerLoop:
+    """Alg. 1, lines 4-5 and 9-12: which inner loop (`variant`, above), S steps at α, and whether
+    line 14 differentiates through them (`second_order`, "meta" only). `cache_trunk` ("meta"
+    only) runs f(x_tr; θp) once per task instead of at every step, which changes nothing
+    (model.Tagger.trunk_is_fixed_by_pretrained); it needs θa outside the encoder."""
+    variant: str = "meta"
+    steps: int = 5
+    lr: float = 0.03
+    second_order: bool = False
+    cache_trunk: bool = True
 
 
 def task_loss(model, params, batch, lang, hidden=None):
@@ -57,63 +73,50 @@ def task_loss(model, params, batch, lang, hidden=None):
     return token_loss(logits, batch["labels"])
 
 
-def adapt(model, support, lang, steps, lr, variant="pe", cache_trunk=True, second_order=False):
+def adapt(model, support, lang, inner):
     """Alg. 1, lines 9-12 for one task: S steps of plain SGD on the support batch.
 
     Returns θ^i as {name: tensor} for the parameters the inner loop updated (θa, the task's θh,
     and in "maml" θp; every other parameter of θ^i is the model's own, untouched), and the
     support loss before each of the S steps, [S] (it falls when the inner loop learns).
-
-    With `cache_trunk` ("pe" only), f(x; θp) is computed once instead of at every step. This is
-    exact: the "pe" inner loop never changes θp, so the encoder's output on the support batch is
-    the same at every step, and the gradients for θa and θh never flow into the encoder. It
-    needs θa outside the encoder (model.trunk_is_fixed_by_pretrained): with LoRA or BitFit, θa
-    changes f itself, and the loop runs the whole model at every step whatever is asked. (With
-    dropout on, the cached path draws one dropout mask in the encoder for all S steps, the
-    line-by-line path a fresh one each step: the same distribution, different samples.)
-
-    With `second_order` ("pe" only), θ^i stays a differentiable function of θa and θp (module
-    docstring), so a backward from the query loss reaches them through the inner steps.
     """
-    inner_names = named_params(model, *INNER_GROUPS[variant], lang=lang)
+    second_order = inner.second_order
     # Alg. 1, line 9: θ^i = θ. Only what the inner loop changes needs a copy of its own; in
     # second order θa^i starts as θa itself, so that the inner steps stay on θa's graph.
-    fast = {name: p if second_order and group_of(name, model.pe) == "adapter" else p.detach().clone().requires_grad_()
-            for name, p in inner_names.items()}
+    fast = {name: p if second_order and group_of(name, model.pe_method) == "pe" else p.detach().clone().requires_grad_()
+            for name, p in named_params(model, *INNER_GROUPS[inner.variant], lang=lang).items()}
     hidden, support_losses = None, []
-    if cache_trunk and variant == "pe" and model.trunk_is_fixed_by_pretrained:
+    if inner.cache_trunk and inner.variant == "meta" and model.trunk_is_fixed_by_pretrained:
         with torch.set_grad_enabled(second_order):  # second order: θp reaches the query loss through h
             hidden = model.encode(support["input_ids"], support["attention_mask"])
-    for _ in range(steps):  # Alg. 1, line 10
+    for _ in range(inner.steps):  # Alg. 1, line 10
         loss = task_loss(model, fast, support, lang, hidden)
         grads = torch.autograd.grad(loss, list(fast.values()), create_graph=second_order)
         support_losses.append(loss.detach())
         # Alg. 1, line 11 (and, in "maml", the red line): θ^i ← θ^i − α∇L(f_θ^i, 𝒟tr).
         if second_order:  # a new tensor on the graph, so the query loss differentiates through it
-            fast = {name: p - lr * g for (name, p), g in zip(fast.items(), grads)}
+            fast = {name: p - inner.lr * g for (name, p), g in zip(fast.items(), grads)}
             continue
         with torch.no_grad():  # first order: in place and outside autograd, no graph kept
             for p, g in zip(fast.values(), grads):
-                p -= lr * g
+                p -= inner.lr * g
     return fast, torch.stack(support_losses)
 
 
-def meta_step(model, optimizer, scheduler, tasks, inner_steps, inner_lr, variant="pe", cache_trunk=True,
-              second_order=False):
+def meta_step(model, optimizer, scheduler, tasks, inner):
     """One pass of the while loop, Alg. 1 lines 8-15, over an already sampled batch of tasks
     (line 7): [(lang, support batch, query batch)]. The optimizer holds θp and θa (AdamW, β).
     Returns the query loss summed over the tasks, and the support loss before each inner step
     averaged over them, [S]."""
     optimizer.zero_grad(set_to_none=True)
-    meta_params = named_params(model, "pretrained", "adapter")
+    meta_params = named_params(model, "pretrained", "pe")
     first_heads = {}
     query_total, support_curve = 0.0, 0.0
     for lang, support, query in tasks:  # Alg. 1, line 8
-        fast, support_losses = adapt(model, support, lang, inner_steps, inner_lr, variant, cache_trunk,
-                                     second_order)  # Alg. 1, lines 9-12
+        fast, support_losses = adapt(model, support, lang, inner)  # Alg. 1, lines 9-12
         # Alg. 1, line 14. backward() accumulates the sum over tasks into .grad of θp and θa.
         # First order: ∇ of L(f_θ^i, 𝒟ts) at θ^i stands for the gradient at θ; it lands in .grad of
-        # θp directly where θ^i shares the model's tensor ("pe"), and in the θ^i copies otherwise,
+        # θp directly where θ^i shares the model's tensor ("meta"), and in the θ^i copies otherwise,
         # collected just below. Second order: the exact gradient, through the inner steps.
         loss = task_loss(model, fast, query, lang)
         loss.backward()
@@ -121,13 +124,14 @@ def meta_step(model, optimizer, scheduler, tasks, inner_steps, inner_lr, variant
         support_curve += support_losses / len(tasks)
         with torch.no_grad():
             for name, p in fast.items():
-                if group_of(name, model.pe) == "head" or second_order:
+                if group_of(name, model.pe_method) == "head" or inner.second_order:
                     continue  # θh gets no meta-gradient; second order needs no copying
                 target = meta_params[name]
                 target.grad = p.grad.clone() if target.grad is None else target.grad.add_(p.grad)
         # Alg. 1, line 15 keeps the first task's adapted head; with a head per language, each
         # head keeps the one adapted by that language's first task in this meta-batch.
-        first_heads.setdefault(lang, {n: p.detach() for n, p in fast.items() if group_of(n, model.pe) == "head"})
+        first_heads.setdefault(lang, {n: p.detach() for n, p in fast.items()
+                                      if group_of(n, model.pe_method) == "head"})
         del fast, loss  # before the next task's adapt(): the MAML loop holds one copy of θp at a time
     optimizer.step()  # Alg. 1, line 14: θp, θa ← AdamW step on the summed meta-gradient
     scheduler.step()
@@ -135,7 +139,7 @@ def meta_step(model, optimizer, scheduler, tasks, inner_steps, inner_lr, variant
         for head in first_heads.values():
             for name, value in head.items():
                 model.get_parameter(name).copy_(value)
-    return query_total.item(), support_curve.cpu()
+    return query_total.item(), support_curve.tolist()
 
 
 def fine_tune_step(model, optimizer, scheduler, tasks):
@@ -153,43 +157,24 @@ def fine_tune_step(model, optimizer, scheduler, tasks):
     return total
 
 
-def priming_optimizer(model, method, meta_lr, steps, head_lr=None):
-    """Alg. 1, line 14's optimizer: AdamW at β over θp ∪ θa (for "ft", setting 5, θh too, at
-    `head_lr` when given), its learning rate decaying linearly to 0 over `steps` (§4.2).
+def priming_optimizer(model, meta_lr, steps, head_lr=None):
+    """Alg. 1, line 14's optimizer: AdamW at β over θp ∪ θa (and with `head_lr`, setting 5's
+    θh too, at that rate), its learning rate decaying linearly to 0 over `steps` (§4.2).
     Returns (optimizer, scheduler)."""
-    params = list(named_params(model, "pretrained", "adapter").values())
-    groups = [{"params": params}]
-    if method == "ft":
-        groups.append({"params": list(named_params(model, "head").values()), "lr": head_lr or meta_lr})
+    params = list(named_params(model, "pretrained", "pe").values())
+    groups = [{"params": params}] + ([{"params": list(named_params(model, "head").values()), "lr": head_lr}]
+                                     if head_lr else [])
     optimizer = torch.optim.AdamW(groups, lr=meta_lr, fused=params[0].is_cuda)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
 
 
-def prime(model, sampler, to_device, method, optimizer, scheduler, steps, inner_steps, inner_lr, history,
-          after_step=lambda: None, second_order=False):
-    """Alg. 1, line 6 ("while not converged"): meta-steps, or for method "ft" as many fine-tuning
-    updates, until `steps` are done, continuing after the len(history["loss"]) already done.
-
-    method: "meta" (Algorithm 1; with `second_order`, the exact meta-gradient), "maml" (Algorithm 1
-    with the red line), "ft" (setting 5).
-    `to_device` turns a list of Examples into a batch of tensors on the model's device.
-    Appends to `history` the query loss of every step (for "ft", the training loss) under "loss"
-    and, for meta and maml, the support loss before each inner step, [S], under "support_loss";
-    then calls after_step(), where kyg.py saves the state a stopped run resumes from."""
-    from tqdm import tqdm
+def prime(model, task_batches, optimizer, scheduler, inner=None):
+    """Alg. 1, line 6, "while not converged": a meta-step on each batch of tasks (line 7, sampled
+    by the caller), or without `inner` a step of setting 5. Yields each step's query loss (for
+    setting 5, its training loss) and the support loss before each inner step ([S], or None)."""
     model.train()
-    done = len(history["loss"])
-    progress = tqdm(range(done, steps), initial=done, total=steps, desc=f"prime {method}", unit="step")
-    for _ in progress:
-        tasks = [(lang, to_device(support), to_device(query))
-                 for lang, support, query in sampler.sample()]  # Alg. 1, line 7
-        if method == "ft":
-            loss = fine_tune_step(model, optimizer, scheduler, tasks)
+    for tasks in task_batches:
+        if inner is None:
+            yield fine_tune_step(model, optimizer, scheduler, tasks), None
         else:
-            loss, curve = meta_step(model, optimizer, scheduler, tasks, inner_steps, inner_lr,
-                                    variant="maml" if method == "maml" else "pe", second_order=second_order)
-            history["support_loss"].append(curve.tolist())
-        history["loss"].append(loss)
-        progress.set_postfix(loss=f"{loss:.3f}")
-        after_step()
-    return history
+            yield meta_step(model, optimizer, scheduler, tasks, inner)

@@ -5,18 +5,19 @@
                 and for full fine-tuning from the plain pretrained model)
   h  `heads`    one linear token-classification head per language, θh, dropout before it
 
-θa is whatever the parameter-efficient (PE) method trains besides θh, `pe` below: the paper's
-adapter (g), or LoRA (a rank-8 update inside every query and value projection of f), or BitFit
-(f's own bias terms; g is then the identity). Algorithm 1 treats the three groups differently,
-so every parameter's name says its group (group_of): `encoder.*` is θp ("pretrained"), except
-LoRA's `*.lora_a`/`*.lora_b` and, for BitFit, `encoder.*.bias`, which are θa ("adapter"), as is
-`adapter.*`; `heads.<lang>.*` is θh ("head"). The partition, not the architecture, defines θa.
+θa is whatever the parameter-efficient (PE) method trains besides θh, `pe_method` below: the
+paper's adapter (g), or LoRA (a rank-8 update inside every query and value projection of f), or
+BitFit (f's own bias terms; g is then the identity). Algorithm 1 treats the three groups
+differently, so every parameter's name says its group (group_of): `encoder.*` is θp
+("pretrained"), except LoRA's `*.lora_a`/`*.lora_b` and, for BitFit, `encoder.*.bias`, which are
+θa ("pe"), as is `adapter.*`; `heads.<lang>.*` is θh ("head"). The partition, not the
+architecture, defines θa.
 meta.py runs this module through `torch.func.functional_call` with some of those names bound to
 other tensors (the inner loop's adapted copies); kyg.py fine-tunes it directly.
 
 Also here: loading from the hub or a local directory with clear errors; the files kyg writes
-(safetensors and JSON, atomically): primed model directories and the resumable state of a
-priming; and the tiny BERT that the tests and `run.sh smoke` build offline.
+(safetensors and JSON, atomically: report.write_atomic): primed model directories and the
+resumable state of a priming; and the tiny BERT that the tests and `run.sh smoke` build offline.
 """
 import json
 import logging
@@ -25,12 +26,14 @@ import os
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-from data import LABELS, KygError
+from data import LABELS
+from report import KygError, write_atomic, write_text
 
-DEFAULT_MODEL = "bert-base-multilingual-cased"
-GROUPS = ("pretrained", "adapter", "head")
+ADAPTER_INIT = "identity"  # how a fresh g starts (Adapter); recorded with every priming and run that has one
 
 
 class Adapter(nn.Module):
@@ -73,12 +76,12 @@ PE_METHODS = ("adapter", "lora", "bitfit")
 
 
 class Tagger(nn.Module):
-    def __init__(self, encoder, languages, pe="adapter", bottleneck=64):
+    def __init__(self, encoder, languages, pe_method="adapter", bottleneck=64):
         super().__init__()
         hidden = encoder.config.hidden_size
-        self.encoder, self.pe = encoder, pe
-        self.adapter = Adapter(hidden, bottleneck) if pe == "adapter" else nn.Identity()
-        if pe == "lora":  # the query and value projections of every layer (Hu et al.), as BERT names them
+        self.encoder, self.pe_method = encoder, pe_method
+        self.adapter = Adapter(hidden, bottleneck) if pe_method == "adapter" else nn.Identity()
+        if pe_method == "lora":  # the query and value projections of every layer (Hu et al.), as BERT names them
             projections = [m for n, m in encoder.named_modules() if n.endswith(("attention.self.query",
                                                                                 "attention.self.value"))]
             if not projections:
@@ -105,27 +108,30 @@ class Tagger(nn.Module):
 
     @property
     def trunk_is_fixed_by_pretrained(self):
-        """Whether f(x; θp) depends on θp alone, so that while θp is frozen it can be computed once
-        and θa, θh trained on it: the cached-trunk shortcut of the inner loop and of fine-tuning.
+        """Whether f(x; θp) depends on θp alone. Then, while θp is frozen (the inner loop of
+        Algorithm 1, head and adapter tuning), the encoder's output on a batch is the same at every
+        step, no gradient for θa or θh flows into the encoder, and f can be run once per batch
+        (meta.adapt) or once per sentence (kyg.py's stored features) with θa and θh trained on its
+        output: exact, but for the dropout inside f, which then draws once instead of every step.
         True for the adapter (θa sits after f) and for none; LoRA's and BitFit's θa live inside f.
         Read off the partition itself, so a new PE method needs no list here."""
-        return not any(name.startswith("encoder.") for name in named_params(self, "adapter"))
+        return not any(name.startswith("encoder.") for name in named_params(self, "pe"))
 
 
-def group_of(name, pe="adapter"):
-    """Parameter name -> "pretrained" (θp), "adapter" (θa) or "head" (θh), for PE method `pe`."""
+def group_of(name, pe_method="adapter"):
+    """Parameter name -> "pretrained" (θp), "pe" (θa) or "head" (θh), for PE method `pe_method`."""
     if name.startswith("heads."):
         return "head"
-    if name.startswith("adapter.") or ".lora_" in name or (pe == "bitfit" and name.endswith(".bias")):
-        return "adapter"
+    if name.startswith("adapter.") or ".lora_" in name or (pe_method == "bitfit" and name.endswith(".bias")):
+        return "pe"
     return "pretrained"
 
 
 def named_params(model, *groups, lang=None):
     """{name: parameter} of the given groups; with `lang`, only that language's head."""
     return {name: p for name, p in model.named_parameters()
-            if group_of(name, model.pe) in groups and (lang is None or not name.startswith("heads.")
-                                                       or name.startswith(f"heads.{lang}."))}
+            if group_of(name, model.pe_method) in groups and (lang is None or not name.startswith("heads.")
+                                                              or name.startswith(f"heads.{lang}."))}
 
 
 def token_loss(logits, labels):
@@ -135,7 +141,7 @@ def token_loss(logits, labels):
 
 # ----------------------------------------------------------------------------- loading
 
-def load(model_name, languages, pe="adapter", bottleneck=64):
+def load(model_name, languages, pe_method="adapter", bottleneck=64):
     """(Tagger, tokenizer) for a hub name or a local directory; errors say what is missing."""
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -165,7 +171,7 @@ def load(model_name, languages, pe="adapter", bottleneck=64):
     # Token classification never reads the pooler; dropping it keeps θp to what is trained.
     if getattr(encoder, "pooler", None) is not None:
         encoder.pooler = None
-    return Tagger(encoder, languages, pe, bottleneck), tokenizer
+    return Tagger(encoder, languages, pe_method, bottleneck), tokenizer
 
 
 def parameter_count(model, groups):
@@ -174,27 +180,16 @@ def parameter_count(model, groups):
 
 
 # ----------------------------------------------------------------------------- files
-# Everything kyg writes is safetensors or JSON (never a pickle), written to a temporary file and
-# renamed into place, so that a crash never leaves half a file under the final name.
-
-def write_atomic(path, write):
-    """write(temporary path), then rename it to `path`."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-
+# Everything kyg writes is safetensors or JSON (never a pickle), written atomically.
 
 def save_tensors(tensors, path, metadata=None):
     """{name: tensor} (and a JSON-able `metadata`) -> one safetensors file, atomically."""
-    from safetensors.torch import save_file
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
     write_atomic(path, lambda tmp: save_file(tensors, tmp, {"kyg": json.dumps(metadata)}))
 
 
 def load_tensors(path):
     """({name: tensor}, metadata) from a file save_tensors wrote; a damaged file is a KygError."""
-    from safetensors import SafetensorError, safe_open
     try:
         with safe_open(path, "pt") as f:
             return {n: f.get_tensor(n) for n in f.keys()}, json.loads((f.metadata() or {}).get("kyg", "null"))
@@ -203,27 +198,20 @@ def load_tensors(path):
                        f"rerun the command that wrote it")
 
 
-def write_json(obj, path):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-    write_atomic(path, write)
-
-
 # A primed model is a Hugging Face directory: the encoder as save_pretrained writes it (so
-# AutoModel.from_pretrained(DIR) gives the primed θp), its tokenizer, θa in adapter.safetensors,
-# and priming.json, written last: a directory without it is a priming that has not finished.
-PRIMING_RECORD, PRIMING_STATE = "priming.json", "priming-state.safetensors"
+# AutoModel.from_pretrained(DIR) gives the primed θp), its tokenizer, θa in pe.safetensors, and
+# priming.json, written last: a directory without it is a priming that has not finished.
+PRIMING_RECORD, PRIMING_STATE, THETA_A = "priming.json", "priming-state.safetensors", "pe.safetensors"
 
 
 def save_primed(model, tokenizer, priming, directory):
-    """model.safetensors holds the encoder without LoRA's factors, which AutoModel does not know;
-    θa, whatever the method, goes to adapter.safetensors under its parameter names."""
+    """The encoder's weights leave out LoRA's factors, which AutoModel does not know; θa, whatever
+    the method, goes to pe.safetensors under its parameter names."""
     model.encoder.save_pretrained(directory, state_dict={name: value for name, value in
                                                          model.encoder.state_dict().items() if ".lora_" not in name})
     tokenizer.save_pretrained(directory)
-    save_tensors(named_params(model, "adapter"), os.path.join(directory, "adapter.safetensors"))
-    write_json(priming, os.path.join(directory, PRIMING_RECORD))
+    save_tensors(named_params(model, "pe"), os.path.join(directory, THETA_A))
+    write_text(json.dumps(priming, indent=1), os.path.join(directory, PRIMING_RECORD))
 
 
 def read_priming(directory):
@@ -238,36 +226,45 @@ def read_priming(directory):
             raise KygError(f"{directory} holds a priming that has not finished; rerun the "
                            f"`kyg.py prime` command that started it to finish it")
         raise KygError(f"{directory} is not a primed model directory (no {PRIMING_RECORD}); {make}")
+    if not os.path.isfile(os.path.join(directory, THETA_A)):
+        raise KygError(f"{directory} was primed by an older kyg (θa in adapter.safetensors, not {THETA_A}); "
+                       f"delete it and rerun the `kyg.py prime` command that made it")
     try:
         with open(os.path.join(directory, PRIMING_RECORD), encoding="utf-8") as f:
-            return {"pe": "adapter", **json.load(f)}  # kyg primed only adapters before it said which
+            return json.load(f)
     except ValueError as e:
         raise KygError(f"{directory}/{PRIMING_RECORD} is damaged ({e}); delete {directory} and prime again")
 
 
-def load_primed(model, directory):
-    """Load θp from a primed model directory into `model`, and θa too when it was primed for the
-    model's PE method (LoRA's factors mean nothing to an adapter: then θa starts fresh). Returns
-    the priming record."""
-    priming = read_priming(directory)
-    adapter = load_tensors(os.path.join(directory, "adapter.safetensors"))[0]
+def encoder_weights(directory):
+    """The encoder's tensors as save_pretrained wrote them: one model.safetensors, or shards
+    listed in model.safetensors.index.json (what it writes for a large encoder)."""
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if not os.path.isfile(index):
+        return load_tensors(os.path.join(directory, "model.safetensors"))[0]
+    with open(index, encoding="utf-8") as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    return {name: t for shard in shards for name, t in load_tensors(os.path.join(directory, shard))[0].items()}
+
+
+def load_primed(model, priming, directory):
+    """Load θp from the primed model directory that `priming` (read_priming) describes into
+    `model`, and θa too when it was primed for the model's PE method (LoRA's factors mean nothing
+    to an adapter: then θa starts fresh)."""
+    theta_a = load_tensors(os.path.join(directory, THETA_A))[0]
     try:
-        missing, unexpected = model.encoder.load_state_dict(
-            load_tensors(os.path.join(directory, "model.safetensors"))[0], strict=False)
+        missing, unexpected = model.encoder.load_state_dict(encoder_weights(directory), strict=False)
     except RuntimeError:
         missing, unexpected = [], ["a tensor of another shape"]
     if unexpected or any(".lora_" not in name for name in missing):
         raise KygError(f"{directory} was primed from {priming['model']!r}, whose weights do not fit the "
                        f"--model given; pass --model {priming['model']}")
-    if priming["pe"] == model.pe:
+    if priming["pe"] == model.pe_method:
         with torch.no_grad():
-            for name, p in named_params(model, "adapter").items():
-                # kyg before LoRA and BitFit saved the adapter module's own names (down.weight)
-                stored = adapter.get(name, adapter.get(name.removeprefix("adapter.")))
-                if stored is None:
-                    raise KygError(f"{directory}/adapter.safetensors lacks {name}; delete {directory} and prime again")
-                p.copy_(stored)
-    return priming
+            for name, p in named_params(model, "pe").items():
+                if name not in theta_a:
+                    raise KygError(f"{directory}/{THETA_A} lacks {name}; delete {directory} and prime again")
+                p.copy_(theta_a[name])
 
 
 # The resumable state of a priming: every parameter (θp, θa, each source language's θh), AdamW's

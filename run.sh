@@ -14,7 +14,8 @@
 #                            adapter, LoRA and BitFit x tuning with each, and none/FT priming before
 #                            LoRA and BitFit (results/pe-methods: hi af nl, 300 training sentences)
 #   bash run.sh smoke        the pipeline end to end on a tiny BERT and tiny data that it makes
-#                            itself: offline, a few minutes on 2 CPU cores, numbers that mean nothing
+#                            itself, two target languages: offline, about a minute on 2 CPU cores,
+#                            numbers that mean nothing
 #
 # Settings, from the environment (defaults in brackets; a preset changes some defaults):
 #   KYG_MODEL        hub name or local model directory   [bert-base-multilingual-cased]
@@ -40,7 +41,8 @@
 #
 # Resumable: primed models and results are written atomically, and a rerun skips every finished
 # priming and every fine-tuning run already in OUT/results.jsonl; a priming that was stopped
-# resumes from the state it last saved (kyg.py prime --save-every).
+# resumes from the state it last saved (kyg.py prime --save-every). Shared: run.sh started twice
+# on one preset divides the work (each run is claimed before it starts; one primes, one waits).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -51,7 +53,7 @@ case "${1:-}" in
     smoke)
         OUT=${KYG_OUT:-runs/smoke}
         python kyg.py tiny "$OUT/tiny"
-        KYG_MODEL=$OUT/tiny/model KYG_DATA_DIR=$OUT/tiny/data KYG_SEEDS=${KYG_SEEDS:-1 2}
+        KYG_MODEL=$OUT/tiny/model KYG_DATA_DIR=$OUT/tiny/data KYG_SEEDS=${KYG_SEEDS:-1 2} KYG_LANGS=${KYG_LANGS:-hi af}
         KYG_PRIME_STEPS=8 KYG_EPOCHS=2 KYG_PRIME_SEEDS=${KYG_PRIME_SEEDS:-1 2} KYG_LRS=${KYG_LRS:-1e-3 1e-2}
         KYG_ROWS=${KYG_ROWS:-$ALL_ROWS meta-lora:lora meta-bitfit:bitfit meta-lora:adapter}
         SMOKE=(--support-size 8 --query-size 8)
@@ -81,10 +83,10 @@ FINETUNE=(--epochs "${KYG_EPOCHS:-5}")
 [[ -n "${KYG_MAX_EVAL:-}" ]] && FINETUNE+=(--max-eval "$KYG_MAX_EVAL")
 [[ -n "${KYG_MAX_DEV:-}" ]] && FINETUNE+=(--max-dev "$KYG_MAX_DEV")
 
-# Each row: the priming it starts from (a label, as kyg.py's table names it) and the fine-tuning.
-declare -A ROW=([1]="none full" [2]="none head" [3]="none adapter" [4]="meta adapter" [5]="ft adapter"
-                [5b]="ft-head0.001 adapter" [6]="maml adapter" [7]="meta-S1 adapter" [4-2nd]="meta-2nd adapter"
-                [7-2nd]="meta-S1-2nd adapter" [fig3-meta]="meta full" [fig3-maml]="maml full")
+# Each row: the priming it starts from (a label, as the table names it) and the fine-tuning (report.ROWS).
+declare -A ROW
+while read -r row priming method; do ROW[$row]="$priming $method"; done < <(python -c 'import report
+for row, (priming, method, _) in report.ROWS.items(): print(row, priming, method)')
 
 prime() {  # prime LABEL SEED -> the primed model directory, primed first unless it is finished
     local dir=$OUT/primed/$1 flags=()

@@ -23,6 +23,7 @@ import data as D
 import kyg
 import meta
 import model as M
+import report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -47,7 +48,7 @@ def tagger(tiny):
 def any_pe_tagger(tiny, request):
     """The tagger with θa of each PE method: the adapter, LoRA, BitFit."""
     torch.manual_seed(0)
-    model, tokenizer = M.load(tiny["model"], ["en", "es"], pe=request.param)
+    model, tokenizer = M.load(tiny["model"], ["en", "es"], pe_method=request.param)
     model.eval()
     return model, tokenizer
 
@@ -160,7 +161,7 @@ def test_bad_data_raises_one_clear_error(tiny, tmp_path, problem, fix):
             f.write("Obama\tB-MISC\n\n")
     else:
         open(tmp_path / "d" / "hi" / "dev.tsv", "w").close()
-    with pytest.raises(D.KygError, match=fix):
+    with pytest.raises(report.KygError, match=fix):
         D.load_split(lang, "dev", str(tmp_path / "d"))
 
 
@@ -169,7 +170,7 @@ def test_model_without_tokenizer_raises_one_clear_error(tiny, tmp_path):
     for name in os.listdir(tmp_path / "m"):
         if name.startswith(("tokenizer", "vocab", "special")):
             os.remove(tmp_path / "m" / name)
-    with pytest.raises(D.KygError, match="has no tokenizer"):
+    with pytest.raises(report.KygError, match="has no tokenizer"):
         M.load(str(tmp_path / "m"), ["hi"])
 
 
@@ -187,9 +188,9 @@ def test_command_line_errors_are_one_line_without_traceback(tiny, tmp_path):
 def test_parameter_groups_partition_the_model(tagger):
     model, _ = tagger
     groups = {M.group_of(n) for n, _ in model.named_parameters()}
-    assert groups == {"pretrained", "adapter", "head"}
+    assert groups == {"pretrained", "pe", "head"}
     assert set(M.named_params(model, "head", lang="es")) == {"heads.es.weight", "heads.es.bias"}
-    trained, total = M.parameter_count(model, ("adapter", "head"))
+    trained, total = M.parameter_count(model, ("pe", "head"))
     assert trained == sum(p.numel() for n, p in model.named_parameters() if not n.startswith("encoder."))
     assert total == sum(p.numel() for p in model.parameters())
 
@@ -199,8 +200,8 @@ def test_parameter_groups_partition_the_model(tagger):
 def test_pe_inner_loop_leaves_pretrained_untouched_and_adapts_adapter_and_head(any_pe_tagger, tiny):
     model, tokenizer = any_pe_tagger
     before = snapshot(model)
-    fast, support_losses = meta.adapt(model, batch_of(tiny, tokenizer, "en", 0, 8), "en", steps=5, lr=0.03)
-    theta_a = {"adapter": "adapter.", "lora": ".lora_", "bitfit": ".bias"}[model.pe]
+    fast, support_losses = meta.adapt(model, batch_of(tiny, tokenizer, "en", 0, 8), "en", meta.InnerLoop(steps=5))
+    theta_a = {"adapter": "adapter.", "lora": ".lora_", "bitfit": ".bias"}[model.pe_method]
     assert {n for n in fast if not n.startswith("heads.")} == {n for n in before if theta_a in n and "heads" not in n}
     assert {n for n in fast if n.startswith("heads.")} == {"heads.en.weight", "heads.en.bias"}
     for name, p in model.named_parameters():  # the model's own tensors, θp above all, bit-identical
@@ -212,13 +213,13 @@ def test_pe_inner_loop_leaves_pretrained_untouched_and_adapts_adapter_and_head(a
 
 def test_a_fresh_lora_changes_nothing_and_sits_in_theta_a(tiny):
     torch.manual_seed(0)
-    plain, tokenizer = M.load(tiny["model"], ["en"], pe=None)
-    lora, _ = M.load(tiny["model"], ["en"], pe="lora")
+    plain, tokenizer = M.load(tiny["model"], ["en"], pe_method=None)
+    lora, _ = M.load(tiny["model"], ["en"], pe_method="lora")
     plain.eval(), lora.eval()
     batch = batch_of(tiny, tokenizer, "en", 0, 8)
     assert torch.equal(lora.encode(batch["input_ids"], batch["attention_mask"]),
                        plain.encode(batch["input_ids"], batch["attention_mask"]))
-    theta_a = M.named_params(lora, "adapter")
+    theta_a = M.named_params(lora, "pe")
     layers = plain.encoder.config.num_hidden_layers
     assert len(theta_a) == 2 * 2 * layers and all(".attention.self.query.lora_" in n or
                                                   ".attention.self.value.lora_" in n for n in theta_a)
@@ -229,8 +230,8 @@ def test_a_fresh_lora_changes_nothing_and_sits_in_theta_a(tiny):
 def test_maml_inner_loop_changes_pretrained_only_in_the_clone(tagger, tiny):
     model, tokenizer = tagger
     before = snapshot(model)
-    fast, _ = meta.adapt(model, batch_of(tiny, tokenizer, "en", 0, 8), "en", steps=2, lr=1e-2, variant="maml")
-    assert {M.group_of(n) for n in fast} == {"pretrained", "adapter", "head"}
+    fast, _ = meta.adapt(model, batch_of(tiny, tokenizer, "en", 0, 8), "en", meta.InnerLoop("maml", steps=2, lr=1e-2))
+    assert {M.group_of(n) for n in fast} == {"pretrained", "pe", "head"}
     moved = [n for n, p in fast.items() if M.group_of(n) == "pretrained" and not torch.equal(p, before[n])]
     assert len(moved) > 10  # θp^i is updated by the red line ...
     for name, p in model.named_parameters():  # ... and θp itself is not
@@ -240,8 +241,8 @@ def test_maml_inner_loop_changes_pretrained_only_in_the_clone(tagger, tiny):
 def test_cached_trunk_inner_loop_equals_the_line_by_line_loop(tagger, tiny):
     model, tokenizer = tagger
     support = batch_of(tiny, tokenizer, "en", 0, 8)
-    cached, cached_losses = meta.adapt(model, support, "en", steps=5, lr=0.03, cache_trunk=True)
-    line_by_line, line_losses = meta.adapt(model, support, "en", steps=5, lr=0.03, cache_trunk=False)
+    cached, cached_losses = meta.adapt(model, support, "en", meta.InnerLoop(cache_trunk=True))
+    line_by_line, line_losses = meta.adapt(model, support, "en", meta.InnerLoop(cache_trunk=False))
     assert cached.keys() == line_by_line.keys()
     for name in cached:
         torch.testing.assert_close(cached[name], line_by_line[name], rtol=0, atol=1e-6)
@@ -258,7 +259,7 @@ def by_hand(model, support, query, lang, inner_steps, alpha, red_line=False):
     query loss's gradient at θ^i. Returns it for θp and θa: the first-order meta-gradient."""
     hand = copy.deepcopy(model)
     inner = [p for n, p in hand.named_parameters() if n.startswith(f"heads.{lang}.") or
-             M.group_of(n, hand.pe) == "adapter" or (red_line and M.group_of(n, hand.pe) == "pretrained")]
+             M.group_of(n, hand.pe_method) == "pe" or (red_line and M.group_of(n, hand.pe_method) == "pretrained")]
     for _ in range(inner_steps):
         support_loss = M.token_loss(hand(lang, support["input_ids"], support["attention_mask"]), support["labels"])
         grads = torch.autograd.grad(support_loss, inner)
@@ -270,12 +271,12 @@ def by_hand(model, support, query, lang, inner_steps, alpha, red_line=False):
             if not n.startswith("heads.")}
 
 
-def change_under_sgd(model, tasks, inner_steps, alpha, variant="pe"):
+def change_under_sgd(model, tasks, inner_steps, alpha, variant="meta"):
     """θ before − θ after one meta_step with plain SGD at learning rate 1: the meta-gradient it applied."""
     before = snapshot(model)
-    meta_params = M.named_params(model, "pretrained", "adapter")
+    meta_params = M.named_params(model, "pretrained", "pe")
     sgd = torch.optim.SGD(meta_params.values(), lr=1.0)
-    meta.meta_step(model, sgd, constant_lr(sgd), tasks, inner_steps=inner_steps, inner_lr=alpha, variant=variant)
+    meta.meta_step(model, sgd, constant_lr(sgd), tasks, meta.InnerLoop(variant, inner_steps, alpha))
     return {n: before[n] - p.detach() for n, p in meta_params.items()}
 
 
@@ -292,7 +293,7 @@ def test_first_order_meta_gradient_is_the_query_gradient_at_the_adapted_paramete
     applied = change_under_sgd(model, [task], inner_steps=3, alpha=0.03)
     for name, grad in expected.items():
         torch.testing.assert_close(applied[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    assert any(expected[n].abs().sum() > 0 for n in expected if M.group_of(n, model.pe) == "pretrained")
+    assert any(expected[n].abs().sum() > 0 for n in expected if M.group_of(n, model.pe_method) == "pretrained")
 
 
 def test_the_meta_gradient_of_a_batch_of_tasks_is_the_sum_of_each_tasks(any_pe_tagger, tiny):
@@ -312,20 +313,20 @@ def test_a_meta_step_starts_from_zero_gradients_and_steps_optimizer_and_schedule
     the scheduler step once per meta-step, not once per task."""
     model, tokenizer = tagger
     tasks = two_tasks(tiny, tokenizer)
-    sgd = torch.optim.SGD(M.named_params(model, "pretrained", "adapter").values(), lr=0.0)
+    sgd = torch.optim.SGD(M.named_params(model, "pretrained", "pe").values(), lr=0.0)
     steps = []
     sgd.register_step_post_hook(lambda *_: steps.append("optimizer"))
     scheduler = constant_lr(sgd)
-    meta.meta_step(model, sgd, scheduler, tasks, inner_steps=2, inner_lr=0.03)
+    meta.meta_step(model, sgd, scheduler, tasks, meta.InnerLoop(steps=2))
     assert steps == ["optimizer"] and scheduler.last_epoch == 1
     fresh = copy.deepcopy(model)  # θh is now θh^1 (line 15); θp and θa did not move at lr 0
-    meta.meta_step(model, sgd, scheduler, tasks, inner_steps=2, inner_lr=0.03)
-    fresh_sgd = torch.optim.SGD(M.named_params(fresh, "pretrained", "adapter").values(), lr=0.0)
+    meta.meta_step(model, sgd, scheduler, tasks, meta.InnerLoop(steps=2))
+    fresh_sgd = torch.optim.SGD(M.named_params(fresh, "pretrained", "pe").values(), lr=0.0)
     for p in fresh.parameters():
         p.grad = None
-    meta.meta_step(fresh, fresh_sgd, constant_lr(fresh_sgd), tasks, inner_steps=2, inner_lr=0.03)
-    for (name, p), q in zip(M.named_params(model, "pretrained", "adapter").items(),
-                            M.named_params(fresh, "pretrained", "adapter").values()):
+    meta.meta_step(fresh, fresh_sgd, constant_lr(fresh_sgd), tasks, meta.InnerLoop(steps=2))
+    for (name, p), q in zip(M.named_params(model, "pretrained", "pe").items(),
+                            M.named_params(fresh, "pretrained", "pe").values()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-7, msg=name)
     assert steps == ["optimizer"] * 2 and scheduler.last_epoch == 2
 
@@ -346,9 +347,9 @@ def test_the_maml_loops_meta_gradient_reaches_theta_p_through_its_adapted_copy(t
 def meta_gradient(model, tasks, inner_steps, second_order):
     """{name: ∂} of θp and θa from one meta_step on a copy of `model` (SGD at lr 0 keeps .grad)."""
     model = copy.deepcopy(model)
-    params = M.named_params(model, "pretrained", "adapter")
+    params = M.named_params(model, "pretrained", "pe")
     sgd = torch.optim.SGD(params.values(), lr=0.0)
-    meta.meta_step(model, sgd, constant_lr(sgd), tasks, inner_steps, 0.03, second_order=second_order)
+    meta.meta_step(model, sgd, constant_lr(sgd), tasks, meta.InnerLoop(steps=inner_steps, second_order=second_order))
     return {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
 
 
@@ -365,7 +366,7 @@ def unrolled_meta_gradient(model, support, query, lang, inner_steps, lr):
     for _ in range(inner_steps):
         grads = torch.autograd.grad(run(fast, support), list(fast.values()), create_graph=True)
         fast = {n: p - lr * g for (n, p), g in zip(fast.items(), grads)}
-    meta_params = M.named_params(model, "pretrained", "adapter")
+    meta_params = M.named_params(model, "pretrained", "pe")
     grads = torch.autograd.grad(run(fast, query), list(meta_params.values()), allow_unused=True)
     return {n: g if g is not None else torch.zeros_like(p) for (n, p), g in zip(meta_params.items(), grads)}
 
@@ -397,7 +398,7 @@ def test_second_order_meta_gradient_agrees_with_finite_differences_along_theta_p
         with torch.no_grad():
             for n, p in pretrained.items():
                 p += step * direction[n]
-        fast, _ = meta.adapt(model, support, "en", 3, 0.03)
+        fast, _ = meta.adapt(model, support, "en", meta.InnerLoop(steps=3))
         with torch.no_grad():
             loss = meta.task_loss(model, fast, query, "en").item()
             for n, p in pretrained.items():
@@ -426,12 +427,12 @@ def test_meta_step_sets_each_head_to_its_first_task_adapted_head_and_moves_theta
     tasks = [("en", batch_of(tiny, tokenizer, "en", 0, 8), batch_of(tiny, tokenizer, "en", 8, 8)),
              ("en", batch_of(tiny, tokenizer, "en", 16, 8), batch_of(tiny, tokenizer, "en", 24, 8)),
              ("es", batch_of(tiny, tokenizer, "es", 0, 8), batch_of(tiny, tokenizer, "es", 8, 8))]
-    first_en, _ = meta.adapt(model, tasks[0][1], "en", 5, 0.03)
-    second_en, _ = meta.adapt(model, tasks[1][1], "en", 5, 0.03)
-    first_es, _ = meta.adapt(model, tasks[2][1], "es", 5, 0.03)
+    first_en, _ = meta.adapt(model, tasks[0][1], "en", meta.InnerLoop())
+    second_en, _ = meta.adapt(model, tasks[1][1], "en", meta.InnerLoop())
+    first_es, _ = meta.adapt(model, tasks[2][1], "es", meta.InnerLoop())
     before = snapshot(model)
-    adamw = torch.optim.AdamW(M.named_params(model, "pretrained", "adapter").values(), lr=1e-3)
-    meta.meta_step(model, adamw, constant_lr(adamw), tasks, inner_steps=5, inner_lr=0.03)
+    adamw = torch.optim.AdamW(M.named_params(model, "pretrained", "pe").values(), lr=1e-3)
+    meta.meta_step(model, adamw, constant_lr(adamw), tasks, meta.InnerLoop())
     for name, p in model.named_parameters():
         if name.startswith("heads.en."):
             torch.testing.assert_close(p.detach(), first_en[name], rtol=0, atol=1e-7)
@@ -439,7 +440,7 @@ def test_meta_step_sets_each_head_to_its_first_task_adapted_head_and_moves_theta
         elif name.startswith("heads.es."):
             torch.testing.assert_close(p.detach(), first_es[name], rtol=0, atol=1e-7)
     moved = {M.group_of(n) for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert moved == {"pretrained", "adapter", "head"}
+    assert moved == {"pretrained", "pe", "head"}
 
 
 def test_fine_tuning_priming_updates_every_group(tagger, tiny):
@@ -449,7 +450,7 @@ def test_fine_tuning_priming_updates_every_group(tagger, tiny):
     tasks = [("en", batch_of(tiny, tokenizer, "en", 0, 8), batch_of(tiny, tokenizer, "en", 8, 8))]
     meta.fine_tune_step(model, adamw, constant_lr(adamw), tasks)
     moved = {M.group_of(n) for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert moved == {"pretrained", "adapter", "head"}
+    assert moved == {"pretrained", "pe", "head"}
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if n.startswith("heads.es."))
 
 
@@ -473,10 +474,10 @@ def test_meta_priming_lowers_the_query_loss(tagger, tiny):
     examples = {"en": D.encode(D.load_split("en", "train", tiny["data"]), tokenizer, 64)}
     sampler = D.TaskSampler(examples, 8, 8, seed=0)
     to_device = lambda ex: D.collate(ex, tokenizer.pad_token_id)
-    optimizer, scheduler = meta.priming_optimizer(model, "meta", meta_lr=3e-3, steps=30)
-    history = meta.prime(model, sampler, to_device, "meta", optimizer, scheduler, steps=30, inner_steps=5,
-                         inner_lr=0.03, history={"loss": [], "support_loss": []})
-    losses, support_curve = history["loss"], torch.tensor(history["support_loss"]).mean(0)
+    optimizer, scheduler = meta.priming_optimizer(model, meta_lr=3e-3, steps=30)
+    task_batches = ([(lang, to_device(s), to_device(q)) for lang, s, q in sampler.sample()] for _ in range(30))
+    losses, support_losses = zip(*meta.prime(model, task_batches, optimizer, scheduler, meta.InnerLoop()))
+    support_curve = torch.tensor(support_losses).mean(0)
     assert len(losses) == 30 and sum(losses[-5:]) < 0.8 * sum(losses[:5])
     assert support_curve.shape == (5,) and support_curve[-1] < support_curve[0]  # the inner loop learns
 
@@ -491,20 +492,22 @@ def test_every_table1_row_runs_from_the_command_line_and_writes_a_result(tiny, t
                   "--support-size", "8", "--query-size", "8", "--out", str(tmp_path / label),
                   *extra, *common])
     out = str(tmp_path / "results")
-    for row, (priming, method, _) in kyg.PAPER_TABLE1.items():
+    table1 = [report.ROWS[row][:2] for row in report.PAPER_TABLE1]
+    for priming, method in table1:
         init = [] if priming == "none" else ["--init", str(tmp_path / priming)]
         kyg.main(["finetune", "--method", method, "--lang", "hi", "--epochs", "1", "--out", out, *init, *common])
-    results = kyg.read_results(out)
-    assert [(r["priming"], r["method"]) for r in results] == [row[:2] for row in kyg.PAPER_TABLE1.values()]
+    results = report.read_results(out)
+    assert [(r["priming"], r["method"]) for r in results] == table1
     for r in results:
         assert r["lang"] == "hi" and 0 <= r["test_f1"] <= 100 and r["trainable_params"] > 0
     fractions = {r["method"]: r["trainable_fraction"] for r in results}
     assert fractions["head"] < fractions["adapter"] < fractions["full"] == 1.0
-    saved = M.load_tensors(os.path.join(out, "weights", "meta-adapter-hi-lr0.001-s1.safetensors"))[0]
-    assert {M.group_of(n) for n in saved} == {"adapter", "head"}  # only what adapter tuning changed
+    meta_adapter = next(r for r in results if r["priming"] == "meta" and r["method"] == "adapter")
+    saved = M.load_tensors(os.path.join(out, meta_adapter["weights"]))[0]
+    assert {M.group_of(n) for n in saved} == {"pe", "head"}  # only what adapter tuning changed
 
     kyg.main(["finetune", "--method", "head", "--lang", "hi", "--epochs", "1", "--out", out, *common])
-    assert len(kyg.read_results(out)) == 7 and "skipped" in capsys.readouterr().out  # a rerun skips
+    assert len(report.read_results(out)) == 7 and "skipped" in capsys.readouterr().out  # a rerun skips
     kyg.main(["table", out])
     table = open(os.path.join(out, "table.md"), encoding="utf-8").read()
     assert "| 4/Meta Priming → AT |" in table and "| 4 > 3 |" in table and "/ 81.25" in table
@@ -518,7 +521,7 @@ def test_run_sh_primes_each_row_as_its_label_says(tmp_path):
            "KYG_LRS": "1e-3", "KYG_PRIME_SEEDS": "1"}
     subprocess.run(["bash", "run.sh", "smoke"], cwd=os.path.dirname(os.path.abspath(__file__)), env=env, check=True,
                    capture_output=True)
-    assert {r["priming"] for r in kyg.read_results(str(tmp_path))} == set(rows.values())
+    assert {r["priming"] for r in report.read_results(str(tmp_path))} == set(rows.values())
 
 
 def test_table_judges_an_ordering_only_against_a_spread(tmp_path):
@@ -531,7 +534,7 @@ def test_table_judges_an_ordering_only_against_a_spread(tmp_path):
             ("meta", "full", "hi", [72.0, 73.0]), ("maml", "full", "hi", [71.0, 75.0])]
     for priming, method, lang, scores in runs:
         for seed, score in enumerate(scores, 1):
-            kyg.append_result(str(tmp_path), {"priming": priming, "method": method, "lang": lang,
+            report.append_result(str(tmp_path), {"priming": priming, "method": method, "lang": lang,
                                               "seed": seed, "test_f1": score})
     kyg.main(["table", str(tmp_path)])
     rows = {line.split(" | ")[0]: line.rstrip(" |\n").split(" | ")[1:]
@@ -554,7 +557,7 @@ def test_the_matrix_beyond_the_adapter_compares_each_column_with_its_own_ft_prim
             ("ft", "adapter", [40.0, 41.0]), ("ft", "lora", [10.0, 11.0]), ("none", "lora", [20.0, 21.0])]
     for priming, method, scores in runs:
         for seed, score in enumerate(scores, 1):
-            kyg.append_result(str(tmp_path), {"priming": priming, "method": method, "lang": "hi", "seed": seed,
+            report.append_result(str(tmp_path), {"priming": priming, "method": method, "lang": "hi", "seed": seed,
                                               "test_f1": score})
     kyg.main(["table", str(tmp_path)])
     rows = {line.split(" | ")[0]: line.rstrip(" |\n").split(" | ")[1:]
@@ -572,10 +575,10 @@ def test_table_keeps_the_learning_rate_with_the_best_dev_f1_and_pools_priming_se
     """Rates are chosen on dev, never on test; runs from several priming seeds pool into one cell."""
     runs = [(1e-3, 1, 50.0, 60.0), (1e-3, 2, 52.0, 62.0), (1e-2, 1, 55.0, 40.0), (1e-2, 2, 57.0, 42.0)]
     for lr, seed, dev, test in runs:
-        kyg.append_result(str(tmp_path), {"priming": "none", "method": "adapter", "lang": "hi", "seed": seed,
+        report.append_result(str(tmp_path), {"priming": "none", "method": "adapter", "lang": "hi", "seed": seed,
                                           "lr": lr, "dev_f1": dev, "test_f1": test})
     for priming_seed, score in ((1, 70.0), (1, 72.0), (2, 60.0), (2, 62.0)):
-        kyg.append_result(str(tmp_path), {"priming": "meta", "method": "adapter", "lang": "hi", "seed": 1, "lr": 1e-3,
+        report.append_result(str(tmp_path), {"priming": "meta", "method": "adapter", "lang": "hi", "seed": 1, "lr": 1e-3,
                                           "dev_f1": 0.0, "test_f1": score, "priming_config": {"seed": priming_seed}})
     kyg.main(["table", str(tmp_path)])
     rows = {line.split(" | ")[0]: line.rstrip(" |\n").split(" | ")[1:]
@@ -591,7 +594,7 @@ def test_the_table_shows_each_primings_loss_over_its_steps(tmp_path):
     over each tenth of its steps, from the curve every record carries (older ones carry none)."""
     for priming, seed, curve in (("ft-head0.001", 1, [float(x) for x in range(20, 0, -1)]), ("meta", 2, [3.0]),
                                  ("ft", 1, None)):
-        kyg.append_result(str(tmp_path), {"priming": priming, "method": "adapter", "lang": "hi", "seed": 1,
+        report.append_result(str(tmp_path), {"priming": priming, "method": "adapter", "lang": "hi", "seed": 1,
                                           "test_f1": 50.0, "priming_config": {"seed": seed, "loss_by_step": curve,
                                                                               "seconds": 120.0}})
     kyg.main(["table", str(tmp_path)])
@@ -608,7 +611,7 @@ def test_several_learning_rates_run_in_one_process_and_are_recorded(tiny, tmp_pa
             "--model", tiny["model"], "--data-dir", tiny["data"], "--no-save", "--out", str(tmp_path)]
     kyg.main(args)
     kyg.main(args)  # both are done: skipped
-    assert [(r["lr"], r["config"]["lr"], r["config"]["schedule"]) for r in kyg.read_results(str(tmp_path))] == \
+    assert [(r["lr"], r["config"]["lr"], r["config"]["schedule"]) for r in report.read_results(str(tmp_path))] == \
         [(1e-3, 1e-3, "constant"), (3e-3, 3e-3, "constant")]
 
 
@@ -621,20 +624,20 @@ def test_a_fresh_adapter_is_exactly_the_identity():
 
 def test_fine_tuning_priming_can_give_the_heads_their_own_learning_rate(tagger):
     model, _ = tagger
-    optimizer, _ = meta.priming_optimizer(model, "ft", 5e-5, steps=10, head_lr=1e-3)
+    optimizer, _ = meta.priming_optimizer(model, 5e-5, steps=10, head_lr=1e-3)
     by_lr = {group["lr"]: {M.group_of(n) for n, p in model.named_parameters()
                            if any(p is q for q in group["params"])} for group in optimizer.param_groups}
-    assert by_lr == {5e-5: {"pretrained", "adapter"}, 1e-3: {"head"}}
-    assert kyg.priming_label({"method": "ft", "inner_steps": 5, "head_lr": 1e-3}) == "ft-head0.001"
+    assert by_lr == {5e-5: {"pretrained", "pe"}, 1e-3: {"head"}}
+    assert kyg.priming_label({"method": "ft", "pe": "adapter", "head_lr": 1e-3}) == "ft-head0.001"
 
 
 def test_side_by_side_runs_keep_every_result(tmp_path):
     """finetune processes writing into one results folder at once lose none of each other's lines."""
-    write = "import kyg, sys\nfor i in range(40): kyg.append_result(sys.argv[1], " \
+    write = "import report, sys\nfor i in range(40): report.append_result(sys.argv[1], " \
         "{'priming': 'none', 'method': 'head', 'lang': sys.argv[2], 'seed': i, 'test_f1': 0.0})"
     workers = [subprocess.Popen([sys.executable, "-c", write, str(tmp_path), str(w)], cwd=HERE) for w in range(4)]
     assert [w.wait() for w in workers] == [0] * 4
-    assert sorted((r["lang"], r["seed"]) for r in kyg.read_results(str(tmp_path))) == \
+    assert sorted((r["lang"], r["seed"]) for r in report.read_results(str(tmp_path))) == \
         sorted((str(w), i) for w in range(4) for i in range(40))
 
 
@@ -647,31 +650,32 @@ def test_a_primed_model_is_a_hugging_face_directory_holding_the_primed_weights(t
     primed = AutoModel.from_pretrained(str(tmp_path / "m")).state_dict()  # any library can load θp
     plain = AutoModel.from_pretrained(tiny["model"]).state_dict()
     fresh, _ = M.load(tiny["model"], ["hi"])
-    assert M.load_primed(fresh, str(tmp_path / "m"))["method"] == "meta"
+    priming = M.read_priming(str(tmp_path / "m"))
+    assert priming["method"] == "meta"
+    M.load_primed(fresh, priming, str(tmp_path / "m"))
     for name, value in fresh.encoder.state_dict().items():
         assert torch.equal(primed[name], value), name
     assert any(not torch.equal(plain[n], v) for n, v in fresh.encoder.state_dict().items())  # priming moved θp
-    adapter = load_file(tmp_path / "m" / "adapter.safetensors")
-    assert adapter.keys() == M.named_params(fresh, "adapter").keys()
-    for name, value in adapter.items():
-        assert torch.equal(M.named_params(fresh, "adapter")[name], value)
+    theta_a = load_file(tmp_path / "m" / M.THETA_A)
+    assert theta_a.keys() == M.named_params(fresh, "pe").keys()
+    for name, value in theta_a.items():
+        assert torch.equal(M.named_params(fresh, "pe")[name], value)
     assert not list(tmp_path.glob("m/*state*"))  # the resumable state goes once priming is finished
 
 
-def test_a_directory_primed_before_lora_and_bitfit_still_loads(tiny, tmp_path):
-    """Until LoRA and BitFit, adapter.safetensors held the adapter's own names (down.weight, not
-    adapter.down.weight); such directories (results/small/primed) load as they did."""
+def test_a_primed_directory_loads_whether_its_encoder_is_one_file_or_shards(tiny, tmp_path):
     kyg.main(["prime", "--method", "meta", "--source", "en", "--steps", "2", "--support-size", "8", "--query-size",
-              "8", "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(tmp_path / "m")])
-    path = str(tmp_path / "m" / "adapter.safetensors")
-    primed = M.load_tensors(path)[0]
-    M.save_tensors({n.removeprefix("adapter."): v for n, v in primed.items()}, path)
-    model, _ = M.load(tiny["model"], ["hi"])
-    M.load_primed(model, str(tmp_path / "m"))
-    assert all(torch.equal(p, primed[n]) for n, p in M.named_params(model, "adapter").items())
-    M.save_tensors({"down.weight": primed["adapter.down.weight"]}, path)
-    with pytest.raises(M.KygError, match="lacks adapter.down.bias; delete"):
-        M.load_primed(model, str(tmp_path / "m"))
+              "8", "--meta-lr", "1e-2", "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(tmp_path / "m")])
+    one_file, _ = M.load(tiny["model"], ["hi"])
+    priming = M.read_priming(str(tmp_path / "m"))
+    M.load_primed(one_file, priming, str(tmp_path / "m"))
+    os.remove(tmp_path / "m" / "model.safetensors")
+    one_file.encoder.save_pretrained(str(tmp_path / "m"), max_shard_size="50KB")  # as for a large encoder
+    assert len(list(tmp_path.glob("m/model-*-of-*.safetensors"))) > 1
+    sharded, _ = M.load(tiny["model"], ["hi"])
+    M.load_primed(sharded, priming, str(tmp_path / "m"))
+    for (name, p), q in zip(one_file.encoder.named_parameters(), sharded.encoder.parameters()):
+        assert torch.equal(p, q), name
 
 
 def run_kyg(*args):
@@ -703,7 +707,7 @@ def test_a_killed_priming_resumes_and_ends_bit_identical(tiny, tmp_path, method)
     assert rerun.returncode == 0
     resumed_from = int(rerun.stdout.split("from step ")[1].split()[0])
     assert 0 < resumed_from < 60 and resumed_from % 5 == 0
-    for name in ("model.safetensors", "adapter.safetensors"):
+    for name in ("model.safetensors", M.THETA_A):
         assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     curve = lambda out: M.read_priming(str(out))["loss_by_step"]  # the loss of every step survives the kill
     assert len(curve(tmp_path / "whole")) == 60 and curve(tmp_path / "killed") == curve(tmp_path / "whole")
@@ -714,9 +718,65 @@ def test_a_killed_finetune_keeps_every_finished_run_and_redoes_the_killed_one(ti
     args = ["finetune", "--method", "adapter", "--lang", "hi", "--seed", "1", "2", "--epochs", "40",
             "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(out)]
     start_and_kill(args, lambda: (out / "results.jsonl").exists())
-    assert [r["seed"] for r in kyg.read_results(str(out))] == [1]  # seed 1 whole, seed 2 not half-written
+    assert [r["seed"] for r in report.read_results(str(out))] == [1]  # seed 1 whole, seed 2 not half-written
     assert run_kyg(*args).returncode == 0
-    assert [r["seed"] for r in kyg.read_results(str(out))] == [1, 2]
+    assert [r["seed"] for r in report.read_results(str(out))] == [1, 2]
+
+
+def kyg_process(*args):
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "kyg.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_workers_on_one_command_divide_its_runs_and_record_each_once(tiny, tmp_path):
+    """Two processes on one command of 2 languages × 2 seeds: each claims a run before it starts
+    it, so the 4 runs are recorded once each, and both did some of them."""
+    args = ["finetune", "--method", "adapter", "--lang", "en", "hi", "--seed", "1", "2", "--epochs", "20",
+            "--model", tiny["model"], "--data-dir", tiny["data"], "--no-save", "--out", str(tmp_path)]
+    workers = [kyg_process(*args) for _ in range(2)]
+    ran = [out.count("dev F1") for out, _ in (w.communicate() for w in workers)]
+    assert [w.returncode for w in workers] == [0, 0]
+    assert sorted((r["lang"], r["seed"]) for r in report.read_results(str(tmp_path))) == \
+        [("en", 1), ("en", 2), ("hi", 1), ("hi", 2)]
+    assert sum(ran) == 4 and min(ran) >= 1, ran
+
+
+def test_a_run_whose_worker_was_killed_is_redone_by_the_other_worker(tiny, tmp_path):
+    """kill -9 frees a worker's claim: the other worker redoes its run and finishes every run."""
+    args = ["finetune", "--method", "adapter", "--lang", "en", "hi", "--seed", "1", "2", "--epochs", "40",
+            "--model", tiny["model"], "--data-dir", tiny["data"], "--no-save", "--out", str(tmp_path)]
+    killed, survivor = kyg_process(*args), kyg_process(*args)
+    while not (tmp_path / "results.jsonl").exists() and killed.poll() is None:
+        time.sleep(0.01)
+    killed.kill()
+    assert killed.wait() == -signal.SIGKILL  # killed mid-work, not finished
+    assert survivor.wait() == 0
+    assert sorted((r["lang"], r["seed"]) for r in report.read_results(str(tmp_path))) == \
+        [("en", 1), ("en", 2), ("hi", 1), ("hi", 2)]
+
+
+def test_two_workers_needing_one_priming_prime_it_once(tiny, tmp_path):
+    args = ["prime", "--method", "meta", "--steps", "20", "--support-size", "8", "--query-size", "8",
+            "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(tmp_path / "m")]
+    outputs = [w.communicate()[0] for w in [kyg_process(*args) for _ in range(2)]]
+    assert sorted("kyg: primed (" in out for out in outputs) == [False, True], outputs
+    assert any("is primed already" in out for out in outputs)
+
+
+def test_a_default_rate_and_the_same_rate_named_are_one_run(tiny, tmp_path):
+    """The record keeps the rate the run used, so naming the default makes no second run."""
+    args = ["finetune", "--method", "head", "--lang", "hi", "--epochs", "1", "--model", tiny["model"],
+            "--data-dir", tiny["data"], "--no-save", "--out", str(tmp_path)]
+    kyg.main(args)
+    kyg.main(args + ["--lr", str(kyg.FINETUNE_LR["head"])])
+    assert [(r["lr"], r["config"]["lr"]) for r in report.read_results(str(tmp_path))] == [(1e-3, 1e-3)]
+
+
+def test_every_committed_result_records_the_rate_it_ran_at():
+    for path in [os.path.join(root, "results.jsonl") for root, _, files in os.walk(os.path.join(HERE, "results"))
+                 if "results.jsonl" in files]:
+        for r in report.read_results(os.path.dirname(path)):
+            assert r["lr"] > 0 and r["config"]["lr"] == r["lr"], path
 
 
 def test_a_rerun_with_other_settings_is_refused(tiny, tmp_path):
@@ -741,6 +801,14 @@ def bad_input(tiny, tmp_path, case):
         other = M.write_tiny_model(str(tmp_path / "other"), D.TINY_SYLLABLES, seed=1)
         kyg.main(["prime", "--method", "meta", "--steps", "1", "--support-size", "8", "--query-size", "8",
                   "--out", str(tmp_path / "m"), "--model", other, "--data-dir", tiny["data"]])
+    if case == "a directory primed by an older kyg":
+        kyg.main(["prime", "--method", "meta", "--steps", "1", "--support-size", "8", "--query-size", "8",
+                  "--out", str(tmp_path / "m"), *common])
+        os.rename(tmp_path / "m" / M.THETA_A, tmp_path / "m" / "adapter.safetensors")
+    if case == "a data file that is not UTF-8":
+        shutil.copytree(tiny["data"], tmp_path / "d")
+        with open(tmp_path / "d" / "hi" / "dev.tsv", "ab") as f:
+            f.write("Mal\u00e9\tB-PER\n".encode("latin-1"))
     if case in ("a malformed results line", "a results file of another format"):
         os.makedirs(tmp_path / "r")
         line = '{"priming": "none", "method": "adapter", "lang": "hi", "seed": 1, "test_f1": 5' + \
@@ -758,13 +826,23 @@ def bad_input(tiny, tmp_path, case):
                                "argument --steps: must be above 0"),
         "a malformed results line": (tune, "results.jsonl, line 1, is not a JSON record"),
         "a results file of another format": (["table", str(tmp_path / "r")], "is not a kyg result of format 2"),
+        "a directory primed by an older kyg": (tune + ["--init", str(tmp_path / "m")], "primed by an older kyg"),
+        "a device this machine lacks": (tune + ["--device", "cuda:7"], "--device cuda:7 is not available here"),
+        "a device that does not exist": (tune + ["--device", "tpu"], "--device tpu is not available here"),
+        "an --out under a file": (tune[:5] + ["--out", os.path.join(HERE, "README.md", "r"), *common], "Not a directory"),
+        "a primed --out under a file": (["prime", "--method", "meta", "--out", os.path.join(HERE, "README.md", "p"),
+                                         *common], "README.md: "),
+        "a data file that is not UTF-8": (tune[:-2] + ["--data-dir", str(tmp_path / "d")],
+                                          f"{tmp_path / 'd' / 'hi' / 'dev.tsv'}:"),
     }[case]
 
 
 @pytest.mark.parametrize("case", ["init is not a primed model", "a damaged primed model", "an init from another model",
                                   "zero epochs", "zero batch size", "a negative learning rate",
                                   "zero training sentences", "zero priming steps", "a malformed results line",
-                                  "a results file of another format"])
+                                  "a results file of another format", "a directory primed by an older kyg",
+                                  "a device this machine lacks", "a device that does not exist", "an --out under a file",
+                                  "a primed --out under a file", "a data file that is not UTF-8"])
 def test_bad_input_is_one_error_line(tiny, tmp_path, case):
     args, says = bad_input(tiny, tmp_path, case)
     result = run_kyg(*args)
@@ -773,35 +851,47 @@ def test_bad_input_is_one_error_line(tiny, tmp_path, case):
     assert lines[0].startswith("kyg: error: ") and says in lines[0] and "; " in lines[0], lines[0]
 
 
+def test_an_out_that_cannot_be_written_is_one_error_line(tiny, tmp_path, monkeypatch):
+    """A read-only --out (simulated: root, as CI runs, may write anywhere) ends in one line, as a
+    full disk or any other refusal to write would."""
+    def refuse(path, *_, **__):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(os, "makedirs", refuse)
+    with pytest.raises(SystemExit, match=r"^kyg: error: \S+/r: Permission denied; check that path"):
+        kyg.main(["finetune", "--method", "adapter", "--lang", "hi", "--out", str(tmp_path / "r"),
+                  "--model", tiny["model"], "--data-dir", tiny["data"]])
+
+
 @pytest.mark.parametrize("pe", ["lora", "bitfit"])
 def test_lora_and_bitfit_prime_and_tune_only_their_parameters(tiny, tmp_path, pe):
     common = ["--model", tiny["model"], "--data-dir", tiny["data"]]
     kyg.main(["prime", "--method", "meta", "--pe", pe, "--source", "en", "es", "--steps", "2", "--support-size", "8",
               "--query-size", "8", "--out", str(tmp_path / "p"), *common])
-    primed, _ = M.load(tiny["model"], ["hi"], pe=pe)
-    assert M.load_primed(primed, str(tmp_path / "p"))["pe"] == pe  # θa primed for this method is carried ...
-    theta_a = M.load_tensors(str(tmp_path / "p" / "adapter.safetensors"))[0]
-    assert theta_a.keys() == M.named_params(primed, "adapter").keys()
-    assert all(torch.equal(M.named_params(primed, "adapter")[n], v) for n, v in theta_a.items())
+    primed, _ = M.load(tiny["model"], ["hi"], pe_method=pe)
+    priming = M.read_priming(str(tmp_path / "p"))
+    assert priming["pe"] == pe
+    M.load_primed(primed, priming, str(tmp_path / "p"))  # θa primed for this method is carried ...
+    theta_a = M.load_tensors(str(tmp_path / "p" / M.THETA_A))[0]
+    assert theta_a.keys() == M.named_params(primed, "pe").keys()
+    assert all(torch.equal(M.named_params(primed, "pe")[n], v) for n, v in theta_a.items())
     torch.manual_seed(0)
-    other, _ = M.load(tiny["model"], ["hi"], pe="adapter")
-    fresh_adapter = {n: p.clone() for n, p in M.named_params(other, "adapter").items()}
-    M.load_primed(other, str(tmp_path / "p"))  # ... and a θa of another method starts fresh
-    assert all(torch.equal(M.named_params(other, "adapter")[n], v) for n, v in fresh_adapter.items())
+    other, _ = M.load(tiny["model"], ["hi"], pe_method="adapter")
+    fresh_adapter = {n: p.clone() for n, p in M.named_params(other, "pe").items()}
+    M.load_primed(other, priming, str(tmp_path / "p"))  # ... and a θa of another method starts fresh
+    assert all(torch.equal(M.named_params(other, "pe")[n], v) for n, v in fresh_adapter.items())
 
     out = tmp_path / "r"
     for init in ([], ["--init", str(tmp_path / "p")]):
         kyg.main(["finetune", "--method", pe, "--lang", "hi", "--epochs", "1", "--out", str(out), *init, *common])
-    for record in kyg.read_results(str(out)):
-        name = f"{record['priming']}-{pe}-hi-lr{record['lr']:g}-s1.safetensors"
-        saved = M.load_tensors(str(out / "weights" / name))[0]
-        assert set(saved) == set(M.named_params(primed, "adapter")) | {"heads.hi.weight", "heads.hi.bias"}
+    for record in report.read_results(str(out)):
+        saved = M.load_tensors(str(out / record["weights"]))[0]
+        assert set(saved) == set(M.named_params(primed, "pe")) | {"heads.hi.weight", "heads.hi.bias"}
         assert record["trainable_params"] == sum(v.numel() for v in saved.values())
-        assert not record["config"]["cached_trunk"]
+        assert "cached_trunk" not in record["config"] and "bottleneck" not in record["config"]  # not used
     kyg.main(["table", str(out)])  # the priming × tuning matrix beyond the adapter, with its diagonal cell
     table = (out / "table.md").read_text(encoding="utf-8")
     assert f"| priming ↓ fine-tuning → | {pe} |" in table  # the one column that ran
-    row = next(line for line in table.splitlines() if line.startswith(f"| {kyg.PRIMING_NAMES[f'meta-{pe}']} |"))
+    row = next(line for line in table.splitlines() if line.startswith(f"| {report.PRIMING_NAMES[f'meta-{pe}']} |"))
     assert row.split(" | ")[1].replace(".", "").strip(" |").isdigit()
 
 
@@ -825,7 +915,7 @@ def test_a_seed_gives_the_same_result_alone_or_after_other_seeds(tiny, tmp_path)
               "--model", tiny["model"], "--data-dir", tiny["data"], "--no-save"]
     kyg.main(common + ["--seed", "1", "2", "--out", str(tmp_path / "both")])
     kyg.main(common + ["--seed", "2", "--out", str(tmp_path / "alone")])
-    after, alone = kyg.read_results(str(tmp_path / "both"))[1], kyg.read_results(str(tmp_path / "alone"))[0]
+    after, alone = report.read_results(str(tmp_path / "both"))[1], report.read_results(str(tmp_path / "alone"))[0]
     assert after["seed"] == alone["seed"] == 2
     assert (after["dev_f1"], after["test_f1"]) == (alone["dev_f1"], alone["test_f1"])
 
@@ -837,12 +927,10 @@ def test_training_on_stored_trunk_features_is_exact_without_dropout(tiny, tmp_pa
     json.dump(config, open(tmp_path / "m" / "config.json", "w"))
     common = ["finetune", "--method", "adapter", "--lang", "hi", "--epochs", "2", "--model", str(tmp_path / "m"),
               "--data-dir", tiny["data"], "--out", str(tmp_path / "r")]
-    weights = lambda: M.load_tensors(str(tmp_path / "r" / "weights" / "none-adapter-hi-lr0.001-s1.safetensors"))[0]
     kyg.main(common)
-    from_stored = weights()
     kyg.main(common + ["--live-trunk"])
-    from_live = weights()
-    stored, live = kyg.read_results(str(tmp_path / "r"))
+    stored, live = report.read_results(str(tmp_path / "r"))
+    from_stored, from_live = (M.load_tensors(str(tmp_path / "r" / r["weights"]))[0] for r in (stored, live))
     assert stored["config"]["cached_trunk"] and not live["config"]["cached_trunk"]
     assert (stored["dev_f1"], stored["test_f1"]) == (live["dev_f1"], live["test_f1"])
     for name in from_stored:

@@ -1,0 +1,310 @@
+"""What a run leaves behind, and what is drawn from it: OUT/results.jsonl and its table and figures.
+
+    python kyg.py table results/paper-scale     # -> table.md and the figures beside results.jsonl
+
+Every table and claim in the README is computed from `results.jsonl`, one JSON line per
+fine-tuning run, so the file must hold each run once: kyg.py claims a run before it starts it
+(`claim`), and appends its line under a lock (`append_result`). Both are `filelock` locks, which
+the operating system drops when their process dies (a `kill -9` leaves nothing to clean up), on
+Linux, macOS and Windows alike. Everything else kyg writes goes through `write_atomic`.
+
+Below that: the paper's Table 1, the map of its rows (ours included) that run.sh also reads, the
+orderings the paper claims, and `table`, which puts ours beside the paper's. Imports no torch.
+"""
+import json
+import os
+import statistics
+from contextlib import contextmanager
+
+from filelock import FileLock, Timeout
+
+RESULTS_FORMAT = 2  # of each line of results.jsonl; 2: `init` names a primed model directory
+
+
+class KygError(Exception):
+    """Bad input the user can fix. kyg.py prints it as one line; the message names the fix."""
+
+
+def write_atomic(path, write):
+    """write(temporary path), then rename it to `path`: a crash never leaves half a file under its name."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_text(text, path):
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    write_atomic(path, write)
+
+
+@contextmanager
+def lock(path, wait=True):
+    """Hold the lock file `path` (yields True), or with `wait` False yield False at once if another
+    process holds it. Released on leaving the block, or when the process dies."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    held = FileLock(path)
+    try:
+        held.acquire(timeout=-1 if wait else 0)
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        held.release()
+
+
+def claim(directory, run_name, wait):
+    """A fine-tuning run's claim: only its holder may run it, and it records the run before letting go."""
+    return lock(os.path.join(directory, "claims", f"{run_name}.lock"), wait)
+
+
+def append_result(directory, record):
+    """Append one JSON line to DIR/results.jsonl, under the file's lock."""
+    path = os.path.join(directory, "results.jsonl")
+    with lock(f"{path}.lock"), open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"format": RESULTS_FORMAT, **record}) + "\n")
+
+
+def read_results(directory):
+    """The records of DIR/results.jsonl; a line that is not one is a KygError naming it."""
+    path = os.path.join(directory, "results.jsonl")
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise KygError(f"{path}, line {number}, is not a JSON record ({e}); delete or mend that line")
+            record = record if isinstance(record, dict) else {}
+            missing = {"format", "priming", "method", "lang", "seed", "test_f1"} - record.keys()
+            if record.get("format", RESULTS_FORMAT) != RESULTS_FORMAT or missing:
+                why = f"lacks {', '.join(sorted(missing))}" if missing else f"says format {record['format']}"
+                raise KygError(f"{path}, line {number}, is not a kyg result of format {RESULTS_FORMAT} (it {why}); "
+                               f"read it with the kyg that wrote it, or pass another results directory")
+            records.append(record)
+    return records
+
+
+# ----------------------------------------------------------------------------- the paper's claims
+
+TARGET_LANGS = ["hi", "af", "az", "lt", "et", "nl"]  # §4.1, Table 1
+# Every row, keyed by the ids run.sh's KYG_ROWS uses: (priming label, fine-tuning method, name in
+# the table). 5b is the control for 4 > 5 (FT priming whose heads learn at the head-tuning rate),
+# -2nd the exact meta-gradient; fig3-* are Figure 3's full fine-tuning after priming.
+ROWS = {"1": ("none", "full", "1/Full FT"), "2": ("none", "head", "2/HT"), "3": ("none", "adapter", "3/AT"),
+        "4": ("meta", "adapter", "4/Meta Priming → AT"),
+        "4-2nd": ("meta-2nd", "adapter", "4/Meta Priming → AT [second order]"),
+        "5": ("ft", "adapter", "5/FT Priming → AT"), "5b": ("ft-head0.001", "adapter", "5b/FT Priming, heads at 0.001 → AT"),
+        "6": ("maml", "adapter", "6/MP [MAML Loop] → AT"), "7": ("meta-S1", "adapter", "7/MP [1 Inner Step] → AT"),
+        "7-2nd": ("meta-S1-2nd", "adapter", "7/MP [1 Inner Step] → AT [second order]"),
+        "fig3-meta": ("meta", "full", None), "fig3-maml": ("maml", "full", None)}
+PAPER_TABLE1 = {  # entity-level F1, mBERT, priming on en + es
+    "1": [86.73, 91.29, 87.70, 89.43, 90.88, 91.47], "2": [72.71, 79.11, 74.24, 78.34, 81.23, 78.90],
+    "3": [77.76, 84.10, 81.08, 83.00, 85.13, 83.89], "4": [81.25, 88.23, 83.29, 86.30, 87.18, 88.97],
+    "5": [79.55, 87.78, 82.28, 85.79, 86.56, 88.82], "6": [80.18, 85.82, 81.47, 85.73, 85.86, 88.13],
+    "7": [80.23, 86.46, 80.35, 84.43, 86.14, 88.49]}
+# The claims, checked per language: claim -> (better row, worse row). Table 1's, then Figure 3's
+# (before full fine-tuning, a MAML inner loop beats the PE one, and either priming beats none).
+ORDERINGS = {**{f"{a} > {b}": (a, b) for a, b in [("4", "5"), ("4", "6"), ("4", "7"), ("4", "3"), ("3", "2")] +
+                [("1", row) for row in "234567"]},
+             "maml→full > meta→full": ("fig3-maml", "fig3-meta"), "meta→full > none→full": ("fig3-meta", "1"),
+             "maml→full > none→full": ("fig3-maml", "1"), "4 > 5b": ("4", "5b"), "4 > 7 [second order]": ("4-2nd", "7-2nd")}
+ORDERINGS = {claim: (ROWS[a][:2], ROWS[b][:2]) for claim, (a, b) in ORDERINGS.items()}
+# Priming × fine-tuning matrices, averaged over the languages: file -> (title, primings, methods). The
+# second, Figure 4 beyond the adapter, only where LoRA or BitFit ran; its row "ft{pe}" is FT priming
+# of the column's θa (ft, ft-lora, ft-bitfit), the baseline each diagonal cell must beat.
+OWN_INNER_LOOP = {"adapter": "meta", "lora": "meta-lora", "bitfit": "meta-bitfit"}  # the diagonal
+MATRICES = {"figure4": ("Figure 4: average test F1 over the languages, priming × fine-tuning",
+                        ("meta", "maml", "none"), ("adapter", "full")),
+            "figure4-pe": ("Figure 4 beyond the adapter: priming with each PE method's inner loop × tuning with "
+                           "each, average test F1 over the languages; the diagonal is priming that knows where "
+                           "it is going", (*OWN_INNER_LOOP.values(), "ft{pe}", "none"), tuple(OWN_INNER_LOOP))}
+PRIMING_NAMES = {"meta": "adapter inner loop (Alg. 1)", "maml": "MAML inner loop", "none": "no priming",
+                 "meta-lora": "LoRA inner loop", "meta-bitfit": "BitFit inner loop", "ft{pe}": "FT priming, same θa"}
+in_column = lambda priming, method: priming.format(pe="" if method == "adapter" else f"-{method}")
+# Beyond the adapter: in each column, the method's own inner loop beats another's, FT priming of the
+# same θa, and none (the adapter's last two are 4 > 5 and 4 > 3).
+ORDERINGS.update({f"{own}→{m} > {other}→{m}": ((own, m), (other, m)) for m, own in OWN_INNER_LOOP.items()
+                  for other in [in_column(row, m) for row in MATRICES["figure4-pe"][1]]
+                  if other != own and (m != "adapter" or other.startswith("meta-"))})
+
+
+def markdown(header, rows):
+    """A Markdown table: the header's cells, then one line of cells per row."""
+    line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"
+    return [line(header), "|---|" + "---|" * (len(header) - 1)] + [line(row) for row in rows]
+
+
+def table(directory):
+    """Ours (mean ± std over seeds) beside the paper's Table 1, Figure 3, the orderings, Figure 4 ->
+    DIR/table.md and figures. Returns the table's text and a line about the figures."""
+    results = read_results(directory)
+    if not results:
+        raise KygError(f"no results in {directory}/results.jsonl: run `kyg.py finetune --out {directory}` first")
+    runs = {}  # (priming, method, lang) -> {lr: [record]}; with several rates, dev F1 picks one
+    for r in results:
+        runs.setdefault((r["priming"], r["method"], r["lang"]), {}).setdefault(r.get("lr"), []).append(r)
+    best_lr = {key: max(by_lr, key=lambda lr: statistics.mean(r.get("dev_f1", 0) for r in by_lr[lr]))
+               for key, by_lr in runs.items()}
+    chosen = {key: runs[key][lr] for key, lr in best_lr.items()}
+    scores = {key: [r["test_f1"] for r in records] for key, records in chosen.items()}
+    langs = [l for l in TARGET_LANGS if any(k[2] == l for k in scores)] + \
+        sorted({k[2] for k in scores} - set(TARGET_LANGS))
+    stat = lambda key: (statistics.mean(scores[key]), statistics.stdev(scores[key]) if len(scores[key]) > 1 else 0.0,
+                        len(scores[key])) if key in scores else None
+    cell = lambda s: "–" if not s else f"{s[0]:.2f} ({s[2]})" if s[2] == 1 else f"{s[0]:.2f} ± {s[1]:.2f} ({s[2]})"
+
+    rows = []
+    for row, (priming, method, name) in ROWS.items():  # the paper's rows; ours where they were run
+        paper = dict(zip(TARGET_LANGS, PAPER_TABLE1.get(row, [])))
+        if not name or not paper and not any(key[:2] == (priming, method) for key in scores):
+            continue
+        cells, ours, theirs = [], [], []
+        for lang in langs:
+            s = stat((priming, method, lang))
+            cells.append(f"{cell(s)} / {paper.get(lang, '–')}")
+            if s and (lang in paper or not paper):
+                ours.append(s[0])
+                theirs += [paper[lang]] if paper else []
+        average = f"{statistics.mean(ours):.2f} / {f'{statistics.mean(theirs):.2f}' if theirs else '–'}" if ours else "–"
+        comparable = sum(lang in paper for lang in langs) if paper else len(langs)
+        if ours and len(ours) < comparable:  # an average over fewer languages than the other rows'
+            average += f" ({len(ours)} of {comparable} languages)"
+        rows.append([name, *cells, average])
+    out = ["# Table 1: ours beside the paper's\n",
+           "Test F1 (entity-level, micro), mean ± std over seeds (n); the paper's number after the slash.",
+           f"From `{os.path.join(directory, 'results.jsonl')}`, {len(results)} runs.\n"]
+    out += markdown(["row", *langs, "average"], rows)
+
+    pairs = sorted({key[:2] for key in runs})
+    if any(len(by_lr) > 1 for by_lr in runs.values()):
+        out += ["\n## Learning rate chosen on dev\n", "The rate with the best mean dev F1 over its runs, of the "
+                "n rates tried: rate (n). The table shows that rate's test F1.\n"]
+        out += markdown(["priming → fine-tuning", *langs], [[f"{p} → {m}", *(
+            f"{best_lr[p, m, l]:g} ({len(runs[p, m, l])})" if (p, m, l) in runs else "–" for l in langs)] for p, m in pairs])
+    priming_seed = lambda r: (r.get("priming_config") or {}).get("seed")
+    pooled = [pair for pair in pairs if any(len({priming_seed(r) for r in chosen[key]}) > 1
+                                            for key in chosen if key[:2] == pair)]
+    if pooled:
+        out += ["\n## Priming seeds\n", "Test F1 per priming seed p (mean over fine-tuning seeds). The table's "
+                "cells pool them, so their std holds the spread of both.\n"]
+        seed_rows = []
+        for p, m in pooled:
+            cells = []
+            for l in langs:
+                seeds = {}
+                for r in chosen.get((p, m, l), []):
+                    seeds.setdefault(priming_seed(r), []).append(r["test_f1"])
+                cells.append(", ".join(f"p{s}: {statistics.mean(v):.2f}" for s, v in sorted(seeds.items())) or "–")
+            seed_rows.append([f"{p} → {m}", *cells])
+        out += markdown(["priming → fine-tuning", *langs], seed_rows)
+    curves = {(r["priming"], p["seed"]): p for r in results if (p := r.get("priming_config") or {}).get("loss_by_step")}
+    if curves:  # e.g. whether row 5b's heads learn where row 5's barely move
+        out += ["\n## Priming loss\n", "Each priming's loss, averaged over each tenth of its steps: meta and maml, "
+                "the query loss after the inner loop; ft, the loss of the support and query batches, each summed "
+                "over a step's tasks. Then its length in steps and in minutes.\n"]
+        loss_rows = []
+        for (priming, seed), p in sorted(curves.items()):
+            loss, n = p["loss_by_step"], len(p["loss_by_step"])
+            tenths = [loss[i * n // 10:max((i + 1) * n // 10, i * n // 10 + 1)] for i in range(10)]
+            loss_rows.append([f"{priming} ({seed})", *(f"{statistics.mean(t):.3f}" for t in tenths), n,
+                              f"{p['seconds'] / 60:.0f}"])
+        out += markdown(["priming (seed)", *(f"{10 * i}–{10 * i + 10}%" for i in range(10)), "steps", "min"], loss_rows)
+
+    figure3 = MATRICES["figure4"][1]
+    if any(key[1] == "full" for key in scores):  # where full fine-tuning ran
+        out += ["\n## Figure 3: full fine-tuning after each priming\n",
+                "Test F1, mean ± std over seeds (n). The paper gives these as bars only, without numbers.\n"]
+        out += markdown(["priming → full FT", *langs], [[f"{p}: {PRIMING_NAMES[p]}", *(
+            cell(stat((p, "full", l))) for l in langs)] for p in figure3])
+
+    out += ["\n## The paper's orderings, per language\n",
+            "Table 1's and Figure 3's; then, in the claims naming meta-lora or meta-bitfit, the one §6 expects "
+            "beyond the adapter: each PE method is primed best by its own inner loop. "
+            "held: ours agree and the gap exceeds the larger seed std; tie: the gap is within it; "
+            "not held: ours disagree by more than it; one seed: a side has a single run, so no spread to judge by.\n"]
+    claims = []
+    for claim, (better, worse) in ORDERINGS.items():
+        cells = []
+        for lang in langs:
+            a, b = stat(better + (lang,)), stat(worse + (lang,))
+            if not (a and b):
+                cells.append("–")
+                continue
+            gap, spread = a[0] - b[0], max(a[1], b[1])
+            verdict = "one seed" if min(a[2], b[2]) < 2 else \
+                "held" if gap > spread else "tie" if abs(gap) <= spread else "not held"
+            cells.append(f"{verdict} ({gap:+.2f})")
+        if any(c != "–" for c in cells):  # a claim about rows this folder does not have is left out
+            claims.append([claim, *cells])
+    out += markdown(["claim", *langs], claims)
+
+    matrices = {}
+    for name, (title, primings, methods) in MATRICES.items():
+        if name != "figure4" and not any(key[1] in ("lora", "bitfit") for key in scores):
+            continue
+        matrix = {}
+        for priming in primings:
+            for method in methods:
+                means = [s[0] for l in langs if (s := stat((in_column(priming, method), method, l)))]
+                matrix[priming, method] = statistics.mean(means) if len(means) == len(langs) else None
+        primings = [p for p in primings if any(matrix[p, m] is not None for m in methods)]  # rows and columns
+        methods = [m for m in methods if any(matrix[p, m] is not None for p in primings)]   # not run are left out
+        if not methods:
+            continue
+        matrices[name] = primings, methods, matrix
+        out += [f"\n## {title}\n"] + markdown(["priming ↓ fine-tuning →", *methods], [[PRIMING_NAMES[p], *(
+            f"{matrix[p, m]:.2f}" if matrix[p, m] is not None else "–" for m in methods)] for p in primings])
+    text = "\n".join(out) + "\n"
+    write_text(text, os.path.join(directory, "table.md"))
+    return text, plot(directory, scores, langs, matrices)
+
+
+def plot(directory, scores, langs, matrices):
+    """Figure 3 (full fine-tuning after each priming, per language) and the matrices as PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "kyg: figures skipped: `pip install matplotlib` to draw figure3.png and figure4.png"
+    drawn = ["figure3"] if any(key[1] == "full" for key in scores) else []  # where full fine-tuning ran
+    if drawn:
+        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(langs), 3.2))
+        for i, priming in enumerate(MATRICES["figure4"][1]):  # points, not bars from 0: the gaps are 1-2 F1
+            runs = [scores.get((priming, "full", lang), []) for lang in langs]
+            ax.errorbar([x + 0.2 * (i - 1) for x in range(len(langs))],
+                        [statistics.mean(r) if r else float("nan") for r in runs],
+                        yerr=[statistics.stdev(r) if len(r) > 1 else 0 for r in runs],
+                        fmt="o", capsize=3, label=PRIMING_NAMES[priming])
+        ax.set_xticks(range(len(langs)), langs)
+        ax.set_ylabel("test F1 after full FT\n(mean ± std over seeds)")
+        ax.legend(fontsize=8, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)  # clear of the points
+        fig.tight_layout()
+        fig.savefig(os.path.join(directory, "figure3.png"), dpi=120)
+    for name, (primings, methods, matrix) in matrices.items():
+        fig, ax = plt.subplots(figsize=(3.2 + 1.3 * len(methods), 0.8 + 0.8 * len(primings)))
+        grid = [[matrix[p, m] if matrix[p, m] is not None else float("nan") for m in methods] for p in primings]
+        image = ax.imshow(grid, cmap="Greens")
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):  # white on the darker half of the colour map
+                dark = value == value and image.norm(value) > 0.5
+                ax.text(j, i, f"{value:.2f}" if value == value else "not run", ha="center", va="center",
+                        color="white" if dark else "black")
+                if OWN_INNER_LOOP.get(methods[j]) == primings[i] and name == "figure4-pe":  # the diagonal
+                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2.5, ec="black"))
+        ax.set_xticks(range(len(methods)), methods)
+        ax.set_xlabel("fine-tuning")
+        ax.set_yticks(range(len(primings)), [PRIMING_NAMES.get(p, f"{p} priming") for p in primings])
+        ax.set_title("average test F1" + (" (boxed: own inner loop)" if name == "figure4-pe" else ""))
+        fig.tight_layout()
+        fig.savefig(os.path.join(directory, f"{name}.png"), dpi=120)
+    return "kyg: wrote " + ", ".join(f"{directory}/{name}.png" for name in drawn + list(matrices))
