@@ -131,6 +131,7 @@ def encode(sentences, tokenizer, max_length):
                     truncation=True, max_length=max_length)
     examples = []
     for i, sentence in enumerate(sentences):
+        # ✂ exercise 7: the gold tag on each word's first sub-word, -100 elsewhere; where each word starts
         labels, positions = [], [-1] * len(sentence.words)
         previous = None
         for position, word in enumerate(enc.word_ids(i)):
@@ -139,6 +140,7 @@ def encode(sentences, tokenizer, max_length):
             if first:
                 positions[word] = position
             previous = word
+        # ✂ end
         examples.append(Example(enc["input_ids"][i], labels, positions, sentence.tags))
     return examples
 
@@ -209,6 +211,7 @@ class TaskSampler:
 
     def sample(self):
         """-> [(lang, support [Example], query [Example])], one task per source language."""
+        # ✂ exercise 8: Alg. 1, line 7: a batch of tasks, each sentence once a pass
         tasks = []
         for lang, examples in self.examples.items():
             need = self.support_size + self.query_size
@@ -219,6 +222,7 @@ class TaskSampler:
             tasks.append((lang, [examples[i] for i in drawn[:self.support_size]],
                           [examples[i] for i in drawn[self.support_size:]]))
         return tasks
+        # ✂ end
 
 
 # ----------------------------------------------------------------------------- scoring

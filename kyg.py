@@ -295,7 +295,7 @@ def prime_alone(args, settings):
             history["loss"].append(loss)
             history["support_loss"] += [support_losses] if support_losses else []
             bar.update()
-            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             step = len(history["loss"])
             due = step % args.save_every == 0 if args.save_every else time.time() - last_save >= 60 * SAVE_MINUTES
             if step < steps and (due or stop):  # the state a stopped run resumes from
@@ -477,7 +477,7 @@ def fine_tune(args, priming, config, name, train, dev, test):
             optimizer.step()
             scheduler.step()
             bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}", best_dev=f"{best[0]:.1f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", best_dev=f"{best[0]:.1f}", refresh=False)
         dev_by_epoch.append(score(model, lang, dev, to_device, args.batch_size))
         if dev_by_epoch[-1] > best[0]:
             state = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}

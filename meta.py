@@ -83,23 +83,29 @@ def adapt(model, support, lang, inner):
     second_order = inner.second_order
     # Alg. 1, line 9: θ^i = θ. Only what the inner loop changes needs a copy of its own; in
     # second order θa^i starts as θa itself, so that the inner steps stay on θa's graph.
+    # ✂ exercise 4: Alg. 1, line 9, and the red line: the copies θ^i of what the inner loop updates
     fast = {name: p if second_order and group_of(name, model.pe_method) == "pe" else p.detach().clone().requires_grad_()
             for name, p in named_params(model, *INNER_GROUPS[inner.variant], lang=lang).items()}
+    # ✂ end
     hidden, support_losses = None, []
     if inner.cache_trunk and inner.variant == "meta" and model.trunk_is_fixed_by_pretrained:
         with torch.set_grad_enabled(second_order):  # second order: θp reaches the query loss through h
             hidden = model.encode(support["input_ids"], support["attention_mask"])
     for _ in range(inner.steps):  # Alg. 1, line 10
+        # ✂ exercise 1: Alg. 1, lines 10-11: a step of SGD on θ^i at the support loss
         loss = task_loss(model, fast, support, lang, hidden)
         grads = torch.autograd.grad(loss, list(fast.values()), create_graph=second_order)
         support_losses.append(loss.detach())
         # Alg. 1, line 11 (and, in "maml", the red line): θ^i ← θ^i − α∇L(f_θ^i, 𝒟tr).
-        if second_order:  # a new tensor on the graph, so the query loss differentiates through it
-            fast = {name: p - inner.lr * g for (name, p), g in zip(fast.items(), grads)}
+        if not second_order:
+            with torch.no_grad():  # first order: in place and outside autograd, no graph kept
+                for p, g in zip(fast.values(), grads):
+                    p -= inner.lr * g
             continue
-        with torch.no_grad():  # first order: in place and outside autograd, no graph kept
-            for p, g in zip(fast.values(), grads):
-                p -= inner.lr * g
+        # ✂ end
+        # ✂ exercise 5: the exact meta-gradient: line 11 as a new tensor on the graph
+        fast = {name: p - inner.lr * g for (name, p), g in zip(fast.items(), grads)}
+        # ✂ end
     return fast, torch.stack(support_losses)
 
 
@@ -118,6 +124,7 @@ def meta_step(model, optimizer, scheduler, tasks, inner):
         # First order: ∇ of L(f_θ^i, 𝒟ts) at θ^i stands for the gradient at θ; it lands in .grad of
         # θp directly where θ^i shares the model's tensor ("meta"), and in the θ^i copies otherwise,
         # collected just below. Second order: the exact gradient, through the inner steps.
+        # ✂ exercise 2: Alg. 1, line 14: the query loss at θ^i, its gradient summed into θp's and θa's .grad
         loss = task_loss(model, fast, query, lang)
         loss.backward()
         query_total += loss.detach()
@@ -128,17 +135,22 @@ def meta_step(model, optimizer, scheduler, tasks, inner):
                     continue  # θh gets no meta-gradient; second order needs no copying
                 target = meta_params[name]
                 target.grad = p.grad.clone() if target.grad is None else target.grad.add_(p.grad)
+        # ✂ end
         # Alg. 1, line 15 keeps the first task's adapted head; with a head per language, each
         # head keeps the one adapted by that language's first task in this meta-batch.
+        # ✂ exercise 3: Alg. 1, line 15: θh = θh^1, kept here ...
         first_heads.setdefault(lang, {n: p.detach() for n, p in fast.items()
                                       if group_of(n, model.pe_method) == "head"})
+        # ✂ end
         del fast, loss  # before the next task's adapt(): the MAML loop holds one copy of θp at a time
     optimizer.step()  # Alg. 1, line 14: θp, θa ← AdamW step on the summed meta-gradient
     scheduler.step()
     with torch.no_grad():  # Alg. 1, line 15: θh = θh^1
+        # ✂ exercise 3: ... and put in place here
         for head in first_heads.values():
             for name, value in head.items():
                 model.get_parameter(name).copy_(value)
+        # ✂ end
     return query_total.item(), support_curve.tolist()
 
 

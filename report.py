@@ -1,20 +1,18 @@
-"""What a run leaves behind, and what is drawn from it: OUT/results.jsonl and its table and figures.
+"""What runs leave behind, and what is drawn from it: OUT/results.jsonl, its table and figures.
 
     python kyg.py table results/paper-scale     # -> table.md and the figures beside results.jsonl
 
-Every table and claim in the README is computed from `results.jsonl`, one JSON line per
-fine-tuning run, so the file must hold each run once: kyg.py claims a run before it starts it
-(`claim`), and appends its line under a lock (`append_result`). Both are `filelock` locks, which
-the operating system drops when their process dies (a `kill -9` leaves nothing to clean up), on
-Linux, macOS and Windows alike. Everything else kyg writes goes through `write_atomic`.
-
-Below that: the paper's Table 1, the map of its rows (ours included) that run.sh also reads, the
-orderings the paper claims, and `table`, which puts ours beside the paper's. Imports no torch.
+Every table and claim is computed from `results.jsonl`, one JSON line per fine-tuning run, so it
+must hold each run once: kyg.py claims a run before it starts it (`claim`) and appends its line
+under a lock. Both are `filelock` locks, which the operating system drops when their process
+dies, on Linux, macOS and Windows. Then the paper's Table 1, the map of its rows (ours too) that
+run.sh also reads, the orderings the paper claims, and `table`. Imports no torch.
 """
 import json
 import os
 import statistics
 from contextlib import contextmanager
+from pathlib import Path
 
 from filelock import FileLock, Timeout
 
@@ -34,10 +32,7 @@ def write_atomic(path, write):
 
 
 def write_text(text, path):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    write_atomic(path, write)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 @contextmanager
@@ -45,16 +40,11 @@ def lock(path, wait=True):
     """Hold the lock file `path` (yields True), or with `wait` False yield False at once if another
     process holds it. Released on leaving the block, or when the process dies."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    held = FileLock(path)
     try:
-        held.acquire(timeout=-1 if wait else 0)
+        with FileLock(path, timeout=-1 if wait else 0):
+            yield True
     except Timeout:
         yield False
-        return
-    try:
-        yield True
-    finally:
-        held.release()
 
 
 def claim(directory, run_name, wait):
@@ -72,24 +62,20 @@ def append_result(directory, record):
 def read_results(directory):
     """The records of DIR/results.jsonl; a line that is not one is a KygError naming it."""
     path = os.path.join(directory, "results.jsonl")
-    if not os.path.isfile(path):
-        return []
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise KygError(f"{path}, line {number}, is not a JSON record ({e}); delete or mend that line")
-            record = record if isinstance(record, dict) else {}
-            missing = {"format", "priming", "method", "lang", "seed", "test_f1"} - record.keys()
-            if record.get("format", RESULTS_FORMAT) != RESULTS_FORMAT or missing:
-                why = f"lacks {', '.join(sorted(missing))}" if missing else f"says format {record['format']}"
-                raise KygError(f"{path}, line {number}, is not a kyg result of format {RESULTS_FORMAT} (it {why}); "
-                               f"read it with the kyg that wrote it, or pass another results directory")
-            records.append(record)
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines() if os.path.isfile(path) else [], 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise KygError(f"{path}, line {number}, is not a JSON record ({e}); delete or mend that line")
+        missing = {"format", "priming", "method", "lang", "seed", "test_f1"} - (record.keys() if isinstance(record, dict) else set())
+        if missing or record["format"] != RESULTS_FORMAT:
+            why = f"lacks {', '.join(sorted(missing))}" if missing else f"says format {record['format']}"
+            raise KygError(f"{path}, line {number}, is not a kyg result of format {RESULTS_FORMAT} (it {why}); "
+                           f"read it with the kyg that wrote it, or pass another results directory")
+        records.append(record)
     return records
 
 
@@ -265,11 +251,38 @@ def table(directory):
             f"{matrix[p, m]:.2f}" if matrix[p, m] is not None else "–" for m in methods)] for p in primings])
     text = "\n".join(out) + "\n"
     write_text(text, os.path.join(directory, "table.md"))
-    return text, plot(directory, scores, langs, matrices)
+    return text, plot(directory, scores, langs, matrices, pictures(results, chosen))
 
 
-def plot(directory, scores, langs, matrices):
-    """Figure 3 (full fine-tuning after each priming, per language) and the matrices as PNG."""
+def pictures(results, chosen):
+    """What the pictures of priming at work plot, from the records: {file: (title, x label, y label,
+    {line: [y]})}. Each priming's loss at every step; its support loss over the S inner steps,
+    averaged over the first and the last tenth of its steps; dev F1 after each epoch of adapter
+    tuning, averaged over the runs (at the rate chosen on dev) of each row."""
+    name = {(p, m): row_name for p, m, row_name in ROWS.values() if row_name}
+    primings = {(r["priming"], p["seed"]): p for r in results if (p := r.get("priming_config") or {}).get("loss_by_step")}
+    loss, inner = {}, {}
+    for (label, seed), p in sorted(primings.items()):
+        line = f"{name.get((label, 'adapter'), label)}, priming seed {seed}"
+        loss[line] = p["loss_by_step"]
+        curves = p.get("support_loss_by_step") or []
+        tenth = max(1, len(curves) // 10)
+        for when, part in [("first", curves[:tenth]), ("last", curves[-tenth:])] if curves and len(curves[0]) > 1 else []:
+            inner[f"{line}: {when} {tenth} steps"] = [statistics.mean(c[s] for c in part) for s in range(len(part[0]))]
+    tuning = {}
+    for (p, m, _), records in sorted(chosen.items()):
+        epochs = [r["dev_f1_by_epoch"] for r in records if m == "adapter" and r.get("dev_f1_by_epoch")]
+        tuning.setdefault(name.get((p, m), f"{p} → {m}"), []).extend(epochs)
+    tuning = {line: [statistics.mean(e) for e in zip(*runs)] for line, runs in tuning.items() if runs}
+    return {"priming": ("Priming: the loss at every step", "priming step", "loss (meta: query; ft: training)", loss),
+            "inner-loop": ("The inner loop learning to learn: support loss over Algorithm 1's S steps", "inner step",
+                           "support loss before the step", inner),
+            "fine-tuning": ("Adapter tuning after each priming", "epoch", "dev F1 (mean over runs)", tuning)}
+
+
+def plot(directory, scores, langs, matrices, lines):
+    """Figure 3 (full fine-tuning after each priming, per language), the matrices and the pictures
+    of priming at work (`pictures`) as PNG, each where its data exist."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -307,4 +320,16 @@ def plot(directory, scores, langs, matrices):
         ax.set_title("average test F1" + (" (boxed: own inner loop)" if name == "figure4-pe" else ""))
         fig.tight_layout()
         fig.savefig(os.path.join(directory, f"{name}.png"), dpi=120)
+    for name, (title, x, y, curves) in lines.items():
+        if not curves:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for label, ys in curves.items():
+            ax.plot(range(1, len(ys) + 1), ys, marker="o" if len(ys) < 30 else None, label=label)
+        ax.set(title=title, xlabel=x, ylabel=y)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # steps and epochs are whole
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(directory, f"{name}.png"), dpi=120)
+        drawn.append(name)
     return "kyg: wrote " + ", ".join(f"{directory}/{name}.png" for name in drawn + list(matrices))
