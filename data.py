@@ -1,11 +1,8 @@
 """WikiAnn for kyg: reading, tokenising, batching, priming tasks, and entity-level F1.
 
-Where the sentences come from (one of two, same examples either way):
-  * the Hugging Face hub: `datasets.load_dataset("unimelb-nlp/wikiann", lang)` (the default);
-  * a local directory laid out `{lang}/{train,dev,test}.tsv` (or `.tsv.gz`), CoNLL style:
-    `token<TAB>tag`, a blank line between sentences -- the layout of `../shared/data/wikiann/`.
-
-Then, for the model (model.py) and the loops (meta.py, kyg.py):
+The sentences come from the hub (`datasets.load_dataset("unimelb-nlp/wikiann", lang)`, the
+default) or a local directory `{lang}/{train,dev,test}.tsv[.gz]`, CoNLL style (`token<TAB>tag`, a
+blank line between sentences); the examples are the same. Then, for model.py, meta.py, kyg.py:
   encode()      words -> sub-word ids; the gold tag sits on each word's first sub-word, -100 elsewhere
   batches()     dynamic padding, length-bucketed: {input_ids, attention_mask, labels} [B, T]
   TaskSampler   one priming task per source language: disjoint support 𝒟tr and query 𝒟ts batches
@@ -16,6 +13,7 @@ import gzip
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -37,10 +35,8 @@ class Sentence:
 # ----------------------------------------------------------------------------- reading
 
 def load_split(lang, split, data_dir=None, max_sentences=None):
-    """The sentences of one WikiAnn split: from `data_dir` when given, else from the hub.
-
-    `max_sentences` keeps the first N (for quick runs); the split's order is the dataset's.
-    """
+    """The sentences of one WikiAnn split, from `data_dir` when given, else from the hub; with
+    `max_sentences`, the first N of them (in the dataset's order)."""
     if split not in SPLITS:
         raise KygError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     sentences = _read_local(lang, split, data_dir) if data_dir else _read_hub(lang, split)
@@ -72,7 +68,7 @@ def read_conll(path):
     opener = gzip.open if path.endswith(".gz") else open
     sentences, words, tags = [], [], []
     with opener(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
+        for line_no, raw in enumerate([*f, b""], 1):  # a blank line after the last closes the last sentence
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
@@ -91,16 +87,13 @@ def read_conll(path):
                                f"({' '.join(LABELS)}): convert the data to these IOB2 tags")
             words.append(word)
             tags.append(LABEL_ID[tag])
-    if words:
-        sentences.append(Sentence(words, tags))
     return sentences
 
 
 def _read_hub(lang, split):
     import datasets  # only the hub path needs it
     try:
-        ds = datasets.load_dataset(HUB_DATASET, lang,
-                                   split={"dev": "validation"}.get(split, split))
+        ds = datasets.load_dataset(HUB_DATASET, lang, split={"dev": "validation"}.get(split, split))
     except ValueError as e:  # datasets says "BuilderConfig 'xx' not found" for unknown configs
         raise KygError(f"unknown language {lang!r} for {HUB_DATASET}: {str(e).splitlines()[0]}")
     except (OSError, ConnectionError) as e:
@@ -267,6 +260,5 @@ def write_tiny_data(directory, languages, sizes=(200, 50, 50), seed=0):
                             lines.append(f"{word(_TINY_ENTITY_START[kind])}\t{'BI'[i > 0]}-{kind}")
                 lines.append(".\tO\n")
             os.makedirs(os.path.join(directory, lang), exist_ok=True)
-            with open(os.path.join(directory, lang, f"{split}.tsv"), "w", encoding="utf-8") as f:
-                f.write("\n".join(lines))
+            Path(directory, lang, f"{split}.tsv").write_text("\n".join(lines), encoding="utf-8")
     return directory

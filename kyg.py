@@ -6,13 +6,9 @@
     python kyg.py table results                                      # ours beside Table 1
     python kyg.py tiny DIR        # a tiny BERT and tiny WikiAnn-style data, for offline smoke runs
 
-Every command takes --model (hub name or local directory), --data-dir (local WikiAnn; default:
-the hub), --device. Table 1's rows (report.ROWS) are:
-    1 finetune full      2 finetune head      3 finetune adapter
-    4 prime meta -> adapter      5 prime ft -> adapter      6 prime maml -> adapter
-    7 prime meta --inner-steps 1 -> adapter
-run.sh runs them all. Several processes started on one command share its work: each fine-tuning
-run is claimed before it starts, and one process primes while the others wait for it.
+Table 1's rows (report.ROWS): 1 finetune full, 2 head, 3 adapter; 4 prime meta, 5 prime ft,
+6 prime maml, 7 prime meta --inner-steps 1, each -> finetune adapter. run.sh runs them all.
+Processes started on one command share it: each run is claimed, one primes while others wait.
 """
 import argparse
 import hashlib
@@ -31,8 +27,8 @@ from tqdm.auto import tqdm
 
 import model as M
 import report
-from data import LABELS, TINY_SYLLABLES, TaskSampler, batches, collate, encode, f1, load_split, word_tags, \
-    write_tiny_data
+from data import LABELS, TINY_SYLLABLES, TaskSampler, batches, collate, encode, f1, load_split, word_tags
+from data import write_tiny_data
 from meta import InnerLoop, prime as priming_steps, priming_optimizer
 from report import KygError
 
@@ -73,13 +69,11 @@ class Parser(argparse.ArgumentParser):
 def positive(kind):
     """An argparse type: a number of `kind` above zero (counts, sizes, learning rates)."""
     def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
+        value = kind(text)  # not a number: argparse says "invalid int value: 'x'"
         if not (value > 0 and math.isfinite(value)):
             raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
         return value
+    parse.__name__ = kind.__name__
     return parse
 
 
@@ -99,12 +93,10 @@ def parser():
 
     q = sub.add_parser("prime", help="prime θp and θa on the source languages (Alg. 1, or setting 5)")
     shared(q)
-    q.add_argument("--method", choices=["meta", "ft", "maml"], required=True,
-                   help="meta: Algorithm 1; ft: multi-task fine-tuning (setting 5); maml: with the red line (first-order "
-                        "MAML, as the paper's row 6)")
-    q.add_argument("--pe", choices=M.PE_METHODS, default="adapter",
-                   help="the parameter-efficient method θa belongs to, and so what the inner loop trains (default: "
-                        "the paper's adapter)")
+    q.add_argument("--method", choices=["meta", "ft", "maml"], required=True, help="meta: Algorithm 1; ft: "
+                   "multi-task fine-tuning (setting 5); maml: with the red line (first-order, as the paper's row 6)")
+    q.add_argument("--pe", choices=M.PE_METHODS, default="adapter", help="the PE method θa belongs to, so what the "
+                   "inner loop trains (default: the paper's adapter)")
     q.add_argument("--second-order", action="store_true",
                    help="meta only: the exact meta-gradient through the inner steps, not the paper's first order")
     q.add_argument("--source", nargs="+", default=SOURCE_LANGS)
@@ -133,10 +125,8 @@ def parser():
                    "one run each, and `table` keeps the one with the best dev F1 per row and language")
     q.add_argument("--max-eval", type=count, help="score only the first N dev and test sentences")
     q.add_argument("--max-dev", type=count, help="score only the first N dev sentences (over --max-eval)")
-    q.add_argument("--live-trunk", action="store_true",
-                   help="head/adapter: run the frozen encoder (with its dropout) at every step instead of "
-                        "training on its eval-mode outputs computed once; ~30x slower on a CPU, and F1 "
-                        "within the seed spread of the default (README, 'Frozen trunk')")
+    q.add_argument("--live-trunk", action="store_true", help="head/adapter: run the frozen encoder (with its "
+                   "dropout) at every step, not once; ~30x slower on a CPU (docs/details.md, 'Frozen trunk')")
     q.add_argument("--no-save", action="store_true", help="do not write the fine-tuned weights")
     q.add_argument("--out", required=True, help="results directory")
     q.set_defaults(command=finetune)
@@ -173,20 +163,14 @@ def to_device_fn(tokenizer, device):
 
 class LogLines:
     """tqdm's file when stderr is a log: each update a line of its own, not carriage-return redraws."""
-
-    def write(self, text):
-        if text.strip():
-            sys.stderr.write(text.strip("\r").rstrip() + "\n")
-
-    def flush(self):
-        sys.stderr.flush()
+    write = staticmethod(lambda text: text.strip() and sys.stderr.write(text.strip("\r").rstrip() + "\n"))
+    flush = staticmethod(lambda: sys.stderr.flush())
 
 
 def progress(**kwargs):
     """A progress bar with an ETA: the notebook kind in a notebook, a line a minute in a log file."""
-    if sys.stderr.isatty() or "ipykernel" in sys.modules:
-        return tqdm(**kwargs)
-    return tqdm(file=LogLines(), mininterval=60, **kwargs)
+    in_log = not sys.stderr.isatty() and "ipykernel" not in sys.modules
+    return tqdm(**kwargs, **({"file": LogLines(), "mininterval": 60} if in_log else {}))
 
 
 def priming_label(priming):
@@ -194,14 +178,10 @@ def priming_label(priming):
     -bitfit when θa was not the adapter, -S<n> when S was not the paper's 5 (row 7: -S1),
     -head<lr> for FT priming with its own head rate (row 5b), -2nd for the exact meta-gradient.
     Read from the priming's record alone, so a change of kyg's defaults never relabels one."""
-    if priming is None:
-        return "none"
-    label = priming["method"] + (f"-{priming['pe']}" if priming["pe"] != "adapter" else "")
-    if priming.get("inner_steps", 5) != 5:  # ft has no inner loop
-        label += f"-S{priming['inner_steps']}"
-    if priming.get("head_lr"):
-        label += f"-head{priming['head_lr']:g}"
-    return label + ("-2nd" if priming.get("second_order") else "")
+    return "none" if priming is None else "".join([
+        priming["method"], f"-{priming['pe']}" if priming["pe"] != "adapter" else "",
+        f"-S{priming['inner_steps']}" if priming.get("inner_steps", 5) != 5 else "",  # ft has no inner loop
+        f"-head{priming['head_lr']:g}" if priming.get("head_lr") else "", "-2nd" if priming.get("second_order") else ""])
 
 
 def same_settings(saved, settings, what):
@@ -243,13 +223,11 @@ def prime(args):
         raise KygError(f"--head-lr is for --method ft (meta and maml train heads in the inner loop, at α)")
     if args.inner_lr is None and args.method != "ft":
         args.inner_lr = INNER_LR[args.method]
-    lock_path = os.path.normpath(args.out) + ".lock"
-    with report.lock(lock_path, wait=False) as mine:
-        if mine:
-            return prime_alone(args, priming_settings(args))
-    print(f"kyg: another kyg is priming {args.out}; waiting for it", file=sys.stderr)
-    with report.lock(lock_path):
-        return prime_alone(args, priming_settings(args))
+    for wait in (False, True):
+        with report.lock(os.path.normpath(args.out) + ".lock", wait) as mine:
+            if mine:
+                return prime_alone(args, priming_settings(args))
+        print(f"kyg: another kyg is priming {args.out}; waiting for it", file=sys.stderr)
 
 
 def prime_alone(args, settings):
@@ -263,7 +241,6 @@ def prime_alone(args, settings):
         same_settings(saved[1]["settings"], settings, f"the stopped priming in {args.out}")
     device = setup(args, args.seed)
     model, tokenizer = M.load(args.model, args.source, args.pe, args.bottleneck)
-    model.to(device)
     sources = {lang: encode(load_split(lang, "train", args.data_dir, args.max_train), tokenizer, args.max_length)
                for lang in args.source}
     sampler = TaskSampler(sources, args.support_size, args.query_size, args.seed)
@@ -271,7 +248,7 @@ def prime_alone(args, settings):
     why = "--steps" if args.steps else f"one pass over {min(map(len, sources.values()))} sentences, the smallest " \
         f"source language's training sentences, {args.support_size} + {args.query_size} a task"
     print(f"kyg: priming takes {steps} {'updates' if args.method == 'ft' else 'meta-steps'} ({why})")
-    optimizer, scheduler = priming_optimizer(model, args.meta_lr, steps,
+    optimizer, scheduler = priming_optimizer(model.to(device), args.meta_lr, steps,
                                              (args.head_lr or args.meta_lr) if args.method == "ft" else None)
     history = {"loss": [], "support_loss": [], "seconds": 0.0}
     if saved:
@@ -309,15 +286,15 @@ def prime_alone(args, settings):
     finally:
         bar.close()
         signal.signal(signal.SIGINT, previous_handler)
-    losses, curves = history["loss"], history["support_loss"]
-    curve = [round(statistics.mean(c[s] for c in curves), 4) for s in range(len(curves[0]))] if curves else None
+    losses, curves = history["loss"], history["support_loss"] or None
+    curve = curves and [round(statistics.mean(c[s] for c in curves), 4) for s in range(len(curves[0]))]
     priming = {**settings, "seconds": round(time.time() - started, 1), "loss_by_step": [round(x, 4) for x in losses],
-               "support_loss_by_inner_step": curve,
-               "support_loss_by_step": [[round(x, 3) for x in c] for c in curves] if curves else None}
+               "support_loss_by_inner_step": curve, "support_loss_by_step": curves and [[round(x, 3) for x in c]
+                                                                                        for c in curves]}
     M.save_primed(model, tokenizer, priming, args.out)  # priming.json last: only now is it finished
     if os.path.isfile(state_path):
         os.remove(state_path)
-    inner_curve = "" if curve is None else f", support loss over the inner steps {' > '.join(f'{x:.3f}' for x in curve)}"
+    inner_curve = f", support loss over the inner steps {' > '.join(f'{x:.3f}' for x in curve)}" if curve else ""
     print(f"kyg: primed ({priming_label(priming)}, {steps} steps, {priming['seconds']} s, query loss "
           f"{losses[0]:.3f} -> {losses[-1]:.3f}{inner_curve}) -> {args.out}")
 
@@ -354,6 +331,7 @@ def run_name(config, priming):
 
 
 def recorded(out, config):
+    """Whether OUT/results.jsonl holds the run."""
     return any(all(r.get("config", {}).get(k) == v for k, v in config.items()) for r in report.read_results(out))
 
 
@@ -370,12 +348,12 @@ def finetune(args):
     os.makedirs(args.out, exist_ok=True)
     configs = [run_config(args, priming, lang, lr, seed) for lang in args.lang
                for lr in args.lr or [FINETUNE_LR[args.method]] for seed in args.seed]
-    held = [c for lang in args.lang for c in tune_language(args, priming, [c for c in configs if c["lang"] == lang])]
-    for lang in args.lang:
-        tune_language(args, priming, [c for c in held if c["lang"] == lang], wait=True)
+    for wait in (False, True):  # first every run no other process holds, then wait for those
+        configs = [c for lang in args.lang for c in tune_language(args, priming, [
+            c for c in configs if c["lang"] == lang], wait)]
 
 
-def tune_language(args, priming, configs, wait=False):
+def tune_language(args, priming, configs, wait):
     """Run each of one language's `configs` that is not recorded yet and that this process can
     claim (with `wait`, once the process holding it lets go); returns those another one holds."""
     held, prepared = [], None
@@ -393,8 +371,9 @@ def tune_language(args, priming, configs, wait=False):
 
 
 def tagger(args, priming, lang):
-    """(model, tokenizer) to fine-tune on `lang`: --model, primed from --init when given."""
-    model, tokenizer = M.load(args.model, [lang], pe_method_of(args.method, priming), args.bottleneck)
+    """(model, tokenizer) to fine-tune on `lang`: the primed model of --init (a Hugging Face
+    directory: θp, and θa where it fits), or --model."""
+    model, tokenizer = M.load(args.init or args.model, [lang], pe_method_of(args.method, priming), args.bottleneck)
     if priming:
         M.load_primed(model, priming, args.init)
     return model, tokenizer
@@ -406,7 +385,8 @@ def prepare_language(args, priming, lang):
     Scoring on them is exact; training on them (the default) drops the dropout inside f."""
     model, tokenizer = tagger(args, priming, lang)
     split = lambda name, cap: encode(load_split(lang, name, args.data_dir, cap), tokenizer, args.max_length)
-    train, dev, test = split("train", args.max_train), split("dev", args.max_dev or args.max_eval), split("test", args.max_eval)
+    train, dev, test = (split("train", args.max_train), split("dev", args.max_dev or args.max_eval),
+                        split("test", args.max_eval))
     if args.method not in STORED_FEATURES:
         return (train, None), (dev, None), (test, None)
     device = setup(args, 0)
@@ -453,11 +433,11 @@ def fine_tune(args, priming, config, name, train, dev, test):
     lang, lr, seed = config["lang"], config["lr"], config["seed"]
     device = setup(args, seed)
     model, tokenizer = tagger(args, priming, lang)
-    trainable = M.named_params(model, *TRAINED.get(args.method, ("pe", "head")))
-    for p in model.parameters():
-        p.requires_grad_(any(p is q for q in trainable.values()))
-    model.to(device)
-    trained, total = M.parameter_count(model, TRAINED.get(args.method, ("pe", "head")))
+    groups = TRAINED.get(args.method, ("pe", "head"))
+    trainable = M.named_params(model.to(device).requires_grad_(False), *groups)
+    for p in trainable.values():
+        p.requires_grad_()
+    trained, total = M.parameter_count(model, groups)
     print(f"kyg: {args.method} fine-tuning updates {trained:,} of {total:,} parameters ({100 * trained / total:.3g}%)")
     to_device = to_device_fn(tokenizer, device)
     optimizer = torch.optim.AdamW(trainable.values(), lr=lr, fused=device.type == "cuda")

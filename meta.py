@@ -17,30 +17,12 @@ Parameters are dicts of tensors (CS330 style): the inner loop keeps its own copi
 parameters it updates and runs the model with `torch.func.functional_call`, which reads every
 other parameter from the model itself. No model is ever deep-copied.
 
-First-order (§4.2): the meta-gradient is the gradient of the query loss at the adapted
-parameters θ^i, used as the gradient at θ. So the inner steps are never differentiated through:
-each update is detached, and the query loss backpropagates into the θ^i tensors (for θa, and for
-θp in "maml") or, where θ^i is θ itself (θp in "meta"), straight into the model's own .grad.
-
-Second order (`second_order`, "meta" only; the paper uses first order "as a workaround", §4.2):
-the exact meta-gradient differentiates through the S inner steps. Write h = f(x_tr; θp) for the
-trunk's features of the support batch. The "meta" inner loop only ever sees θp through h:
-    φ_0 = (θa, θh),   φ_{s+1} = φ_s − α ∇_φ L_tr(φ_s; h),   query loss  L_ts(θp, φ_S)
-so φ_S is a function of θa and of h, and by the chain rule
-    dL_ts/dθa = ∂L_ts/∂φ_S · dφ_S/dθa,          dφ_{s+1}/dφ_s = I − α ∇²_φ L      (S small steps back)
-    dL_ts/dθp = ∂L_ts/∂θp  +  ∂L_ts/∂φ_S · dφ_S/dh · ∂h/∂θp                    (query pass + one support pass)
-The Hessians are over adapter and head only, and θp is reached through the support features
-by one backward through the trunk, not S of them. Autograd does all of it when h keeps its
-graph and each inner update is built with create_graph=True; that is the whole change. θh
-still gets no meta-gradient (line 15), so its copy starts detached.
-
-θa is the adapter in the paper; `model.pe_method` may make it LoRA's factors or BitFit's
-biases (model.py): the loop is the same, since it only asks which parameters are θa (group "pe").
-
 Variants, named as `kyg.py prime --method` names them: "meta" (Algorithm 1, settings 4 and 7)
-updates θa and θh in the inner loop; "maml" (setting 6) also runs the red line: first-order
-MAML, as the paper's (§4.2 applies to both). `fine_tune_step()` is setting 5, priming by plain multi-task
-fine-tuning on the same data with the same optimizer, schedule and number of updates.
+updates θa and θh in the inner loop; "maml" (setting 6) also runs the red line. Both are first
+order, as the paper's (§4.2), or "meta" exact with `second_order`. θa is the paper's adapter, or
+LoRA's factors or BitFit's biases (model.py): the loop only asks which parameters are θa.
+`fine_tune_step()` is setting 5: multi-task fine-tuning on the same data, with the same
+optimizer, schedule and number of updates.
 """
 from dataclasses import dataclass
 
@@ -52,25 +34,32 @@ from model import group_of, named_params, token_loss
 INNER_GROUPS = {"meta": ("pe", "head"), "maml": ("pretrained", "pe", "head")}
 
 
+# The exact meta-gradient (`second_order`, "meta" only; the paper uses first order "as a
+# workaround", §4.2) differentiates through the S inner steps. Write h = f(x_tr; θp) for the trunk's
+# features of the support batch. The "meta" inner loop only ever sees θp through h:
+#     φ_0 = (θa, θh),   φ_{s+1} = φ_s − α ∇_φ L_tr(φ_s; h),   query loss  L_ts(θp, φ_S)
+# so φ_S is a function of θa and of h, and by the chain rule
+#     dL_ts/dθa = ∂L_ts/∂φ_S · dφ_S/dθa,          dφ_{s+1}/dφ_s = I − α ∇²_φ L      (S small steps back)
+#     dL_ts/dθp = ∂L_ts/∂θp  +  ∂L_ts/∂φ_S · dφ_S/dh · ∂h/∂θp                    (query pass + one support pass)
+# The Hessians are over adapter and head only, and θp is reached through the support features by
+# one backward through the trunk, not S of them. Autograd does all of it when h keeps its graph
+# and each inner update is built with create_graph=True: that is the whole change. θh still gets
+# no meta-gradient (line 15), so its copy starts detached.
+
 @dataclass(frozen=True)
 class InnerLoop:
-    """Alg. 1, lines 4-5 and 9-12: which inner loop (`variant`, above), S steps at α, and whether
-    line 14 differentiates through them (`second_order`, "meta" only). `cache_trunk` ("meta"
-    only) runs f(x_tr; θp) once per task instead of at every step, which changes nothing
-    (model.Tagger.trunk_is_fixed_by_pretrained); it needs θa outside the encoder."""
-    variant: str = "meta"
-    steps: int = 5
-    lr: float = 0.03
-    second_order: bool = False
-    cache_trunk: bool = True
+    """Alg. 1, lines 4-5 and 9-12: the inner loop's settings."""
+    variant: str = "meta"       # "meta" (Algorithm 1) or "maml" (with the red line)
+    steps: int = 5              # S
+    lr: float = 0.03            # α
+    second_order: bool = False  # line 14 differentiates through the S steps ("meta" only)
+    cache_trunk: bool = True    # "meta": f(x_tr; θp) once per task, which is exact (Tagger.trunk_is_fixed_by_pretrained)
 
 
 def task_loss(model, params, batch, lang, hidden=None):
     """L(f_θ, batch): the model run with `params` in place of its own tensors of those names."""
-    inputs = {"hidden": hidden} if hidden is not None else {
-        "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    logits = functional_call(model, params, (lang,), inputs)
-    return token_loss(logits, batch["labels"])
+    inputs = {"hidden": hidden} if hidden is not None else {k: batch[k] for k in ("input_ids", "attention_mask")}
+    return token_loss(functional_call(model, params, (lang,), inputs), batch["labels"])
 
 
 def adapt(model, support, lang, inner):
@@ -186,7 +175,5 @@ def prime(model, task_batches, optimizer, scheduler, inner=None):
     setting 5, its training loss) and the support loss before each inner step ([S], or None)."""
     model.train()
     for tasks in task_batches:
-        if inner is None:
-            yield fine_tune_step(model, optimizer, scheduler, tasks), None
-        else:
-            yield meta_step(model, optimizer, scheduler, tasks, inner)
+        yield (fine_tune_step(model, optimizer, scheduler, tasks), None) if inner is None else \
+            meta_step(model, optimizer, scheduler, tasks, inner)

@@ -1,26 +1,18 @@
 """The tagger of the paper's Figure 2: logits = h(g(f(x; θp); θa); θh).
 
   f  `encoder`  any Hugging Face encoder (AutoModel), pretrained θp (mBERT by default)
-  g  `adapter`  one bottleneck adapter after the last layer, θa (absent for head tuning
-                and for full fine-tuning from the plain pretrained model)
+  g  `adapter`  one bottleneck adapter after the last layer, θa (the identity without one)
   h  `heads`    one linear token-classification head per language, θh, dropout before it
 
-θa is whatever the parameter-efficient (PE) method trains besides θh, `pe_method` below: the
-paper's adapter (g), or LoRA (a rank-8 update inside every query and value projection of f), or
-BitFit (f's own bias terms; g is then the identity). Algorithm 1 treats the three groups
-differently, so every parameter's name says its group (group_of): `encoder.*` is θp
-("pretrained"), except LoRA's `*.lora_a`/`*.lora_b` and, for BitFit, `encoder.*.bias`, which are
-θa ("pe"), as is `adapter.*`; `heads.<lang>.*` is θh ("head"). The partition, not the
-architecture, defines θa.
-meta.py runs this module through `torch.func.functional_call` with some of those names bound to
-other tensors (the inner loop's adapted copies); kyg.py fine-tunes it directly.
-
-Also here: loading from the hub or a local directory with clear errors; the files kyg writes
-(safetensors and JSON, atomically: report.write_atomic): primed model directories and the
-resumable state of a priming; and the tiny BERT that the tests and `run.sh smoke` build offline.
+θa is what the parameter-efficient (PE) method, `pe_method`, trains besides θh: the paper's
+adapter g, LoRA's rank-8 updates of f's query and value projections, or BitFit's biases of f.
+Every parameter's name says its group (group_of): θp "pretrained" (`encoder.*`), θa "pe"
+(`adapter.*`, `*.lora_a`/`*.lora_b`, for BitFit `encoder.*.bias`), θh "head" (`heads.<lang>.*`).
+meta.py runs the model through `torch.func.functional_call` with some names bound to the inner
+loop's copies; kyg.py fine-tunes it. Also here: loading, with clear errors; the files kyg
+writes (primed model directories, a priming's resumable state); the tests' tiny BERT.
 """
 import json
-import logging
 import math
 import os
 
@@ -38,11 +30,8 @@ ADAPTER_INIT = "identity"  # how a fresh g starts (Adapter); recorded with every
 
 class Adapter(nn.Module):
     """g(·; θa), Houlsby et al.'s bottleneck: x + up(relu(down(x))).   [B, T, H] -> [B, T, H]
-
-    A fresh adapter is exactly the identity, so a fresh model starts from the pretrained encoder's
-    features (Houlsby et al.'s aim): `up` starts at zero, as LoRA's B does. `down` keeps PyTorch's
-    default init, so that up's gradient, which flows through relu(down(x)), is not tiny from the
-    first step; with both projections near zero, each one's gradient is scaled by the other."""
+    `up` starts at zero (as LoRA's B), so a fresh adapter is the identity; `down` keeps PyTorch's
+    init, so up's gradient, which flows through relu(down(x)), is not tiny from the first step."""
 
     def __init__(self, hidden_size, bottleneck):
         super().__init__()
@@ -56,9 +45,8 @@ class Adapter(nn.Module):
 
 
 class LoRALinear(nn.Linear):
-    """A frozen projection W plus Hu et al.'s low-rank update: W x + (α/r)·B A x, r = 8, α = 16.
-    B starts at zero, so a fresh LoRA changes nothing; A has nn.Linear's default init. W keeps
-    its name (`weight`), so it stays θp; `lora_a` [r, in] and `lora_b` [out, r] are θa."""
+    """A frozen projection W plus Hu et al.'s low-rank update, W x + (α/r)·B A x, r = 8, α = 16; B = 0
+    at first. W keeps its name (`weight`), so it stays θp; `lora_a` [r, in], `lora_b` [out, r] are θa."""
 
     @classmethod
     def convert(cls, linear, rank=8, alpha=16):
@@ -84,8 +72,7 @@ class Tagger(nn.Module):
         self.encoder, self.pe_method = encoder, pe_method
         self.adapter = Adapter(hidden, bottleneck) if pe_method == "adapter" else nn.Identity()
         if pe_method == "lora":  # the query and value projections of every layer (Hu et al.), as BERT names them
-            projections = [m for n, m in encoder.named_modules() if n.endswith(("attention.self.query",
-                                                                                "attention.self.value"))]
+            projections = [m for n, m in encoder.named_modules() if n.endswith(("self.query", "self.value"))]
             if not projections:
                 raise KygError("LoRA needs an encoder whose attention has BERT's query and value projections "
                                "(attention.self.query, .value); use --pe adapter or bitfit with this model")
@@ -110,13 +97,11 @@ class Tagger(nn.Module):
 
     @property
     def trunk_is_fixed_by_pretrained(self):
-        """Whether f(x; θp) depends on θp alone. Then, while θp is frozen (the inner loop of
-        Algorithm 1, head and adapter tuning), the encoder's output on a batch is the same at every
-        step, no gradient for θa or θh flows into the encoder, and f can be run once per batch
-        (meta.adapt) or once per sentence (kyg.py's stored features) with θa and θh trained on its
-        output: exact, but for the dropout inside f, which then draws once instead of every step.
-        True for the adapter (θa sits after f) and for none; LoRA's and BitFit's θa live inside f.
-        Read off the partition itself, so a new PE method needs no list here."""
+        """Whether f(x; θp) depends on θp alone: then, while θp is frozen (Algorithm 1's inner loop,
+        head and adapter tuning), f's output on a batch is the same at every step and no gradient of
+        θa or θh enters f, so f runs once per batch (meta.adapt) or per sentence (kyg.py's stored
+        features): exact, but for f's dropout, drawn once. True for the adapter and none; LoRA's
+        and BitFit's θa live inside f. Read off the partition, so a new PE method needs no list."""
         return not any(name.startswith("encoder.") for name in named_params(self, "pe"))
 
 
@@ -149,7 +134,6 @@ def load(model_name, languages, pe_method="adapter", bottleneck=64):
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()  # the unused pooler's "newly initialised" warning is noise here
     hf_logging.disable_progress_bar()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
     local = os.path.isdir(model_name)
     if not local and model_name.startswith(("/", ".", "~")):
         raise KygError(f"model directory {model_name!r} not found: pass --model an existing directory or a hub name")
@@ -167,12 +151,10 @@ def load(model_name, languages, pe_method="adapter", bottleneck=64):
                        f"(tokenizer.save_pretrained) or pass another --model")
     try:
         encoder = AutoModel.from_pretrained(model_name)
-    except (OSError, ValueError) as e:
-        raise KygError(f"cannot load the encoder of {where} ({why(e)}); pass --model a hub name or a "
-                       f"directory with config.json and weights")
-    # Token classification never reads the pooler; dropping it keeps θp to what is trained.
-    if getattr(encoder, "pooler", None) is not None:
-        encoder.pooler = None
+    except (OSError, ValueError, SafetensorError) as e:
+        raise KygError(f"cannot load the encoder of {where} ({why(e)}); " + (
+            "its config.json and weights are missing or damaged: make it again" if local else "pass another --model"))
+    encoder.pooler = None  # token classification never reads it: θp is what is trained
     return Tagger(encoder, languages, pe_method, bottleneck), tokenizer
 
 
@@ -238,35 +220,16 @@ def read_priming(directory):
         raise KygError(f"{directory}/{PRIMING_RECORD} is damaged ({e}); delete {directory} and prime again")
 
 
-def encoder_weights(directory):
-    """The encoder's tensors as save_pretrained wrote them: one model.safetensors, or shards
-    listed in model.safetensors.index.json (what it writes for a large encoder)."""
-    index = os.path.join(directory, "model.safetensors.index.json")
-    if not os.path.isfile(index):
-        return load_tensors(os.path.join(directory, "model.safetensors"))[0]
-    with open(index, encoding="utf-8") as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-    return {name: t for shard in shards for name, t in load_tensors(os.path.join(directory, shard))[0].items()}
-
-
 def load_primed(model, priming, directory):
-    """Load θp from the primed model directory that `priming` (read_priming) describes into
-    `model`, and θa too when it was primed for the model's PE method (LoRA's factors mean nothing
-    to an adapter: then θa starts fresh)."""
+    """θa from the primed model directory that `priming` (read_priming) describes, into `model`
+    (loaded from that directory, so with θp primed), when it was primed for the model's PE method;
+    else θa starts fresh (LoRA's factors mean nothing to an adapter)."""
     theta_a = load_tensors(os.path.join(directory, THETA_A))[0]
-    try:
-        missing, unexpected = model.encoder.load_state_dict(encoder_weights(directory), strict=False)
-    except RuntimeError:
-        missing, unexpected = [], ["a tensor of another shape"]
-    if unexpected or any(".lora_" not in name for name in missing):
-        raise KygError(f"{directory} was primed from {priming['model']!r}, whose weights do not fit the "
-                       f"--model given; pass --model {priming['model']}")
-    if priming["pe"] == model.pe_method:
-        with torch.no_grad():
-            for name, p in named_params(model, "pe").items():
-                if name not in theta_a:
-                    raise KygError(f"{directory}/{THETA_A} lacks {name}; delete {directory} and prime again")
-                p.copy_(theta_a[name])
+    with torch.no_grad():
+        for name, p in named_params(model, "pe").items() if priming["pe"] == model.pe_method else []:
+            if name not in theta_a:
+                raise KygError(f"{directory}/{THETA_A} lacks {name}; delete {directory} and prime again")
+            p.copy_(theta_a[name])
 
 
 # The resumable state of a priming: every parameter (θp, θa, each source language's θh), AdamW's

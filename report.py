@@ -26,9 +26,8 @@ class KygError(Exception):
 def write_atomic(path, write):
     """write(temporary path), then rename it to `path`: a crash never leaves half a file under its name."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+    write(f"{path}.tmp{os.getpid()}")
+    os.replace(f"{path}.tmp{os.getpid()}", path)
 
 
 def write_text(text, path):
@@ -182,16 +181,11 @@ def table(directory):
     if pooled:
         out += ["\n## Priming seeds\n", "Test F1 per priming seed p (mean over fine-tuning seeds). The table's "
                 "cells pool them, so their std holds the spread of both.\n"]
-        seed_rows = []
-        for p, m in pooled:
-            cells = []
-            for l in langs:
-                seeds = {}
-                for r in chosen.get((p, m, l), []):
-                    seeds.setdefault(priming_seed(r), []).append(r["test_f1"])
-                cells.append(", ".join(f"p{s}: {statistics.mean(v):.2f}" for s, v in sorted(seeds.items())) or "–")
-            seed_rows.append([f"{p} → {m}", *cells])
-        out += markdown(["priming → fine-tuning", *langs], seed_rows)
+        by_seed = lambda records: {s: [r["test_f1"] for r in records if priming_seed(r) == s]
+                                   for s in sorted({priming_seed(r) for r in records})}
+        out += markdown(["priming → fine-tuning", *langs], [[f"{p} → {m}", *(", ".join(
+            f"p{s}: {statistics.mean(v):.2f}" for s, v in by_seed(chosen.get((p, m, l), [])).items()) or "–"
+            for l in langs)] for p, m in pooled])
     curves = {(r["priming"], p["seed"]): p for r in results if (p := r.get("priming_config") or {}).get("loss_by_step")}
     if curves:  # e.g. whether row 5b's heads learn where row 5's barely move
         out += ["\n## Priming loss\n", "Each priming's loss, averaged over each tenth of its steps: meta and maml, "
@@ -217,21 +211,15 @@ def table(directory):
             "beyond the adapter: each PE method is primed best by its own inner loop. "
             "held: ours agree and the gap exceeds the larger seed std; tie: the gap is within it; "
             "not held: ours disagree by more than it; one seed: a side has a single run, so no spread to judge by.\n"]
-    claims = []
-    for claim, (better, worse) in ORDERINGS.items():
-        cells = []
-        for lang in langs:
-            a, b = stat(better + (lang,)), stat(worse + (lang,))
-            if not (a and b):
-                cells.append("–")
-                continue
-            gap, spread = a[0] - b[0], max(a[1], b[1])
-            verdict = "one seed" if min(a[2], b[2]) < 2 else \
-                "held" if gap > spread else "tie" if abs(gap) <= spread else "not held"
-            cells.append(f"{verdict} ({gap:+.2f})")
-        if any(c != "–" for c in cells):  # a claim about rows this folder does not have is left out
-            claims.append([claim, *cells])
-    out += markdown(["claim", *langs], claims)
+    def verdict(a, b):  # (mean, std, n) of the better and the worse side
+        if not (a and b):
+            return "–"
+        gap, spread = a[0] - b[0], max(a[1], b[1])
+        return ("one seed" if min(a[2], b[2]) < 2 else "held" if gap > spread else "tie" if abs(gap) <= spread
+                else "not held") + f" ({gap:+.2f})"
+    claims = [[claim, *(verdict(stat(better + (l,)), stat(worse + (l,))) for l in langs)]
+              for claim, (better, worse) in ORDERINGS.items()]
+    out += markdown(["claim", *langs], [c for c in claims if set(c[1:]) != {"–"}])  # claims about rows not run: out
 
     matrices = {}
     for name, (title, primings, methods) in MATRICES.items():
@@ -261,19 +249,17 @@ def pictures(results, chosen):
     tuning, averaged over the runs (at the rate chosen on dev) of each row."""
     name = {(p, m): row_name for p, m, row_name in ROWS.values() if row_name}
     primings = {(r["priming"], p["seed"]): p for r in results if (p := r.get("priming_config") or {}).get("loss_by_step")}
-    loss, inner = {}, {}
+    loss, inner, tuning = {}, {}, {}
     for (label, seed), p in sorted(primings.items()):
         line = f"{name.get((label, 'adapter'), label)}, priming seed {seed}"
-        loss[line] = p["loss_by_step"]
-        curves = p.get("support_loss_by_step") or []
+        loss[line], curves = p["loss_by_step"], p.get("support_loss_by_step") or [[]]
         tenth = max(1, len(curves) // 10)
-        for when, part in [("first", curves[:tenth]), ("last", curves[-tenth:])] if curves and len(curves[0]) > 1 else []:
-            inner[f"{line}: {when} {tenth} steps"] = [statistics.mean(c[s] for c in part) for s in range(len(part[0]))]
-    tuning = {}
+        for when, part in [("first", curves[:tenth]), ("last", curves[-tenth:])] if len(curves[0]) > 1 else []:
+            inner[f"{line}: {when} {tenth} steps"] = [statistics.mean(step) for step in zip(*part)]
     for (p, m, _), records in sorted(chosen.items()):
-        epochs = [r["dev_f1_by_epoch"] for r in records if m == "adapter" and r.get("dev_f1_by_epoch")]
-        tuning.setdefault(name.get((p, m), f"{p} → {m}"), []).extend(epochs)
-    tuning = {line: [statistics.mean(e) for e in zip(*runs)] for line, runs in tuning.items() if runs}
+        tuning.setdefault(name.get((p, m), f"{p} → {m}"), []).extend(
+            r["dev_f1_by_epoch"] for r in records if m == "adapter" and r.get("dev_f1_by_epoch"))
+    tuning = {line: [statistics.mean(epoch) for epoch in zip(*runs)] for line, runs in tuning.items() if runs}
     return {"priming": ("Priming: the loss at every step", "priming step", "loss (meta: query; ft: training)", loss),
             "inner-loop": ("The inner loop learning to learn: support loss over Algorithm 1's S steps", "inner step",
                            "support loss before the step", inner),
@@ -289,6 +275,10 @@ def plot(directory, scores, langs, matrices, lines):
         import matplotlib.pyplot as plt
     except ImportError:
         return "kyg: figures skipped: `pip install matplotlib` to draw figure3.png and figure4.png"
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(os.path.join(directory, f"{name}.png"), dpi=120)
     drawn = ["figure3"] if any(key[1] == "full" for key in scores) else []  # where full fine-tuning ran
     if drawn:
         fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(langs), 3.2))
@@ -301,8 +291,7 @@ def plot(directory, scores, langs, matrices, lines):
         ax.set_xticks(range(len(langs)), langs)
         ax.set_ylabel("test F1 after full FT\n(mean ± std over seeds)")
         ax.legend(fontsize=8, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)  # clear of the points
-        fig.tight_layout()
-        fig.savefig(os.path.join(directory, "figure3.png"), dpi=120)
+        save(fig, "figure3")
     for name, (primings, methods, matrix) in matrices.items():
         fig, ax = plt.subplots(figsize=(3.2 + 1.3 * len(methods), 0.8 + 0.8 * len(primings)))
         grid = [[matrix[p, m] if matrix[p, m] is not None else float("nan") for m in methods] for p in primings]
@@ -315,11 +304,9 @@ def plot(directory, scores, langs, matrices, lines):
                 if OWN_INNER_LOOP.get(methods[j]) == primings[i] and name == "figure4-pe":  # the diagonal
                     ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2.5, ec="black"))
         ax.set_xticks(range(len(methods)), methods)
-        ax.set_xlabel("fine-tuning")
         ax.set_yticks(range(len(primings)), [PRIMING_NAMES.get(p, f"{p} priming") for p in primings])
-        ax.set_title("average test F1" + (" (boxed: own inner loop)" if name == "figure4-pe" else ""))
-        fig.tight_layout()
-        fig.savefig(os.path.join(directory, f"{name}.png"), dpi=120)
+        ax.set(xlabel="fine-tuning", title="average test F1" + (" (boxed: own inner loop)" if name == "figure4-pe" else ""))
+        save(fig, name)
     for name, (title, x, y, curves) in lines.items():
         if not curves:
             continue
@@ -329,7 +316,6 @@ def plot(directory, scores, langs, matrices, lines):
         ax.set(title=title, xlabel=x, ylabel=y)
         ax.xaxis.get_major_locator().set_params(integer=True)  # steps and epochs are whole
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(directory, f"{name}.png"), dpi=120)
+        save(fig, name)
         drawn.append(name)
     return "kyg: wrote " + ", ".join(f"{directory}/{name}.png" for name in drawn + list(matrices))
