@@ -15,6 +15,7 @@ writes (primed model directories, a priming's resumable state); the tests' tiny 
 import json
 import math
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -141,7 +142,7 @@ def load(model_name, languages, pe_method="adapter", bottleneck=64):
     why = lambda e: str(e).strip().splitlines()[0][:160]
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name)
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, ImportError) as e:  # transformers 4 wants protobuf to guess one
         fix = "save one beside the weights (tokenizer.save_pretrained)" if local else \
             "without the hub, pass --model DIR, a local model directory"
         raise KygError(f"cannot load the tokenizer of {where} ({why(e)}); {fix}")
@@ -272,16 +273,13 @@ def restore_priming_state(tensors, record, model, optimizer, scheduler, sampler)
 def write_tiny_model(directory, syllables, seed=0):
     """A 2-layer, hidden-32 BERT with random weights whose WordPiece vocabulary is `syllables`
     (word-initial) and `##syllables` (word-inner), so a word of k syllables is k sub-words.
-    Saved as a normal Hugging Face directory (config, weights, tokenizer.json)."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-    os.makedirs(directory, exist_ok=True)
+    Saved as a normal Hugging Face directory (config, weights, vocab.txt)."""
+    from transformers import BertConfig, BertModel
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(syllables) + ["##" + s for s in syllables]
-    vocab_file = os.path.join(directory, "vocab.txt")
-    with open(vocab_file, "w", encoding="utf-8") as f:
-        f.write("\n".join(vocab) + "\n")
-    BertTokenizer(vocab=vocab_file, do_lower_case=False).save_pretrained(directory)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(directory)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(directory)
+    Path(directory, "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": False}),  # the fast one loads it
+               os.path.join(directory, "tokenizer_config.json"))
     return directory

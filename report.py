@@ -279,6 +279,7 @@ def plot(directory, scores, langs, matrices, lines):
     def save(fig, name):
         fig.tight_layout()
         fig.savefig(os.path.join(directory, f"{name}.png"), dpi=120)
+        plt.close(fig)
     drawn = ["figure3"] if any(key[1] == "full" for key in scores) else []  # where full fine-tuning ran
     if drawn:
         fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(langs), 3.2))
