@@ -120,8 +120,7 @@ def encode(sentences, tokenizer, max_length):
     if not getattr(tokenizer, "is_fast", False):
         raise KygError(f"the tokenizer ({type(tokenizer).__name__}) is not a fast tokenizer; kyg "
                        f"needs word_ids() to align labels: give the model a tokenizer.json")
-    enc = tokenizer([s.words for s in sentences], is_split_into_words=True,
-                    truncation=True, max_length=max_length)
+    enc = tokenizer([s.words for s in sentences], is_split_into_words=True, truncation=True, max_length=max_length)
     examples = []
     for i, sentence in enumerate(sentences):
         # ✂ exercise 7: the gold tag on each word's first sub-word, -100 elsewhere; where each word starts
@@ -141,15 +140,10 @@ def encode(sentences, tokenizer, max_length):
 def collate(examples, pad_id):
     """[Example] -> {input_ids, attention_mask, labels}: LongTensors [B, T], T = longest in the batch."""
     width = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        input_ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    pad = lambda rows, value: torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
+    return {"input_ids": pad([e.input_ids for e in examples], pad_id),
+            "attention_mask": pad([[1] * len(e.input_ids) for e in examples], 0),
+            "labels": pad([e.labels for e in examples], -100)}
 
 
 def batches(examples, batch_size, rng=None):
@@ -253,11 +247,8 @@ def write_tiny_data(directory, languages, sizes=(200, 50, 50), seed=0):
             for _ in range(size):
                 for _ in range(rng.randint(3, 10)):
                     kind = rng.choice(["O", "O", "O", "PER", "ORG", "LOC"])
-                    if kind == "O":
-                        lines.append(f"{word(rng.choice(others))}\tO")
-                    else:
-                        for i in range(rng.randint(1, 2)):
-                            lines.append(f"{word(_TINY_ENTITY_START[kind])}\t{'BI'[i > 0]}-{kind}")
+                    lines += [f"{word(rng.choice(others))}\tO"] if kind == "O" else [
+                        f"{word(_TINY_ENTITY_START[kind])}\t{'BI'[i > 0]}-{kind}" for i in range(rng.randint(1, 2))]
                 lines.append(".\tO\n")
             os.makedirs(os.path.join(directory, lang), exist_ok=True)
             Path(directory, lang, f"{split}.tsv").write_text("\n".join(lines), encoding="utf-8")

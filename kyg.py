@@ -221,8 +221,7 @@ def prime(args):
         raise KygError(f"--second-order is for --method meta (the PE inner loop); drop it for {args.method}")
     if args.head_lr and args.method != "ft":
         raise KygError(f"--head-lr is for --method ft (meta and maml train heads in the inner loop, at α)")
-    if args.inner_lr is None and args.method != "ft":
-        args.inner_lr = INNER_LR[args.method]
+    args.inner_lr = args.inner_lr or INNER_LR.get(args.method)  # ft has no inner loop
     for wait in (False, True):
         with report.lock(os.path.normpath(args.out) + ".lock", wait) as mine:
             if mine:
@@ -287,10 +286,10 @@ def prime_alone(args, settings):
         bar.close()
         signal.signal(signal.SIGINT, previous_handler)
     losses, curves = history["loss"], history["support_loss"] or None
-    curve = curves and [round(statistics.mean(c[s] for c in curves), 4) for s in range(len(curves[0]))]
+    curve = curves and [round(statistics.mean(step), 4) for step in zip(*curves)]
     priming = {**settings, "seconds": round(time.time() - started, 1), "loss_by_step": [round(x, 4) for x in losses],
-               "support_loss_by_inner_step": curve, "support_loss_by_step": curves and [[round(x, 3) for x in c]
-                                                                                        for c in curves]}
+               "support_loss_by_inner_step": curve, "support_loss_by_step": curves and [
+                   [round(x, 3) for x in c] for c in curves]}
     M.save_primed(model, tokenizer, priming, args.out)  # priming.json last: only now is it finished
     if os.path.isfile(state_path):
         os.remove(state_path)
@@ -316,12 +315,10 @@ def run_config(args, priming, lang, lr, seed):
     uses: a rerun skips a run whose config is recorded, and workers claim runs by it."""
     config = {key: getattr(args, key) for key in ("model", "data_dir", "init", "method", "max_train", "max_eval",
                                                    "max_dev", "max_length", "epochs", "batch_size")}
-    config.update(lang=lang, lr=lr, seed=seed, schedule=FINETUNE_SCHEDULE[args.method])
-    if args.method in STORED_FEATURES:
-        config["cached_trunk"] = not args.live_trunk
-    if pe_method_of(args.method, priming) == "adapter":
-        config.update(bottleneck=args.bottleneck, adapter_init=M.ADAPTER_INIT)
-    return config
+    return {**config, "lang": lang, "lr": lr, "seed": seed, "schedule": FINETUNE_SCHEDULE[args.method],
+            **({"cached_trunk": not args.live_trunk} if args.method in STORED_FEATURES else {}),
+            **({"bottleneck": args.bottleneck, "adapter_init": M.ADAPTER_INIT}
+               if pe_method_of(args.method, priming) == "adapter" else {})}
 
 
 def run_name(config, priming):
@@ -421,9 +418,8 @@ def score(model, lang, split, to_device, batch_size):
     with torch.no_grad():
         for chunk in batches(split[0], 2 * batch_size):
             logits = logits_of(model, lang, split, chunk, to_device)[0].float().cpu()
-            for row, i in enumerate(chunk):
-                gold.append([LABELS[t] for t in split[0][i].tags])
-                predicted.append(word_tags(split[0][i], logits[row]))
+            gold += [[LABELS[t] for t in split[0][i].tags] for i in chunk]
+            predicted += [word_tags(split[0][i], logits[row]) for row, i in enumerate(chunk)]
     return f1(gold, predicted)
 
 

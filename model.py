@@ -238,13 +238,10 @@ def load_primed(model, priming, directory):
 # the loss history. One file, so it is replaced whole or not at all.
 
 def save_priming_state(path, model, optimizer, scheduler, sampler, record):
-    tensors = {f"model.{n}": p for n, p in model.named_parameters()}
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     optim = optimizer.state_dict()
-    for index, state in optim["state"].items():
-        tensors.update({f"optimizer.{index}.{k}": v for k, v in state.items()})
+    tensors = {**{f"model.{n}": p for n, p in model.named_parameters()}, "rng.torch": torch.get_rng_state(),
+               **{f"optimizer.{i}.{k}": v for i, state in optim["state"].items() for k, v in state.items()},
+               **({"rng.cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
     save_tensors(tensors, path, {**record, "param_groups": optim["param_groups"], "scheduler": scheduler.state_dict(),
                                  "sampler": sampler.state_dict()})
 

@@ -152,18 +152,14 @@ def table(directory):
         paper = dict(zip(TARGET_LANGS, PAPER_TABLE1.get(row, [])))
         if not name or not paper and not any(key[:2] == (priming, method) for key in scores):
             continue
-        cells, ours, theirs = [], [], []
-        for lang in langs:
-            s = stat((priming, method, lang))
-            cells.append(f"{cell(s)} / {paper.get(lang, '–')}")
-            if s and (lang in paper or not paper):
-                ours.append(s[0])
-                theirs += [paper[lang]] if paper else []
+        s = {lang: stat((priming, method, lang)) for lang in langs}
+        ours = [s[l][0] for l in langs if s[l] and (l in paper or not paper)]
+        theirs = [paper[l] for l in langs if s[l] and l in paper]
         average = f"{statistics.mean(ours):.2f} / {f'{statistics.mean(theirs):.2f}' if theirs else '–'}" if ours else "–"
         comparable = sum(lang in paper for lang in langs) if paper else len(langs)
         if ours and len(ours) < comparable:  # an average over fewer languages than the other rows'
             average += f" ({len(ours)} of {comparable} languages)"
-        rows.append([name, *cells, average])
+        rows.append([name, *(f"{cell(s[l])} / {paper.get(l, '–')}" for l in langs), average])
     out = ["# Table 1: ours beside the paper's\n",
            "Test F1 (entity-level, micro), mean ± std over seeds (n); the paper's number after the slash.",
            f"From `{os.path.join(directory, 'results.jsonl')}`, {len(results)} runs.\n"]
@@ -191,13 +187,10 @@ def table(directory):
         out += ["\n## Priming loss\n", "Each priming's loss, averaged over each tenth of its steps: meta and maml, "
                 "the query loss after the inner loop; ft, the loss of the support and query batches, each summed "
                 "over a step's tasks. Then its length in steps and in minutes.\n"]
-        loss_rows = []
-        for (priming, seed), p in sorted(curves.items()):
-            loss, n = p["loss_by_step"], len(p["loss_by_step"])
-            tenths = [loss[i * n // 10:max((i + 1) * n // 10, i * n // 10 + 1)] for i in range(10)]
-            loss_rows.append([f"{priming} ({seed})", *(f"{statistics.mean(t):.3f}" for t in tenths), n,
-                              f"{p['seconds'] / 60:.0f}"])
-        out += markdown(["priming (seed)", *(f"{10 * i}–{10 * i + 10}%" for i in range(10)), "steps", "min"], loss_rows)
+        tenth = lambda loss, i: loss[i * len(loss) // 10:max((i + 1) * len(loss) // 10, i * len(loss) // 10 + 1)]
+        out += markdown(["priming (seed)", *(f"{10 * i}–{10 * i + 10}%" for i in range(10)), "steps", "min"], [
+            [f"{priming} ({seed})", *(f"{statistics.mean(tenth(p['loss_by_step'], i)):.3f}" for i in range(10)),
+             len(p["loss_by_step"]), f"{p['seconds'] / 60:.0f}"] for (priming, seed), p in sorted(curves.items())])
 
     figure3 = MATRICES["figure4"][1]
     if any(key[1] == "full" for key in scores):  # where full fine-tuning ran
@@ -239,16 +232,15 @@ def table(directory):
             f"{matrix[p, m]:.2f}" if matrix[p, m] is not None else "–" for m in methods)] for p in primings])
     text = "\n".join(out) + "\n"
     write_text(text, os.path.join(directory, "table.md"))
-    return text, plot(directory, scores, langs, matrices, pictures(results, chosen))
+    return text, plot(directory, scores, langs, matrices, pictures(curves, chosen))
 
 
-def pictures(results, chosen):
-    """What the pictures of priming at work plot, from the records: {file: (title, x label, y label,
-    {line: [y]})}. Each priming's loss at every step; its support loss over the S inner steps,
-    averaged over the first and the last tenth of its steps; dev F1 after each epoch of adapter
-    tuning, averaged over the runs (at the rate chosen on dev) of each row."""
+def pictures(primings, chosen):
+    """What the pictures of priming at work plot: {file: (title, x label, y label, {line: [y]})}, from
+    the primings {(label, seed): record} and the runs `chosen` on dev. Each priming's loss at every
+    step; its support loss over the S inner steps, averaged over the first and the last tenth of
+    its steps; dev F1 after each epoch of adapter tuning, averaged over each row's runs."""
     name = {(p, m): row_name for p, m, row_name in ROWS.values() if row_name}
-    primings = {(r["priming"], p["seed"]): p for r in results if (p := r.get("priming_config") or {}).get("loss_by_step")}
     loss, inner, tuning = {}, {}, {}
     for (label, seed), p in sorted(primings.items()):
         line = f"{name.get((label, 'adapter'), label)}, priming seed {seed}"

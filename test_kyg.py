@@ -623,7 +623,8 @@ def test_the_pictures_of_priming_at_work_plot_the_records(tiny, tmp_path):
     runs = {r["priming"]: [x["dev_f1_by_epoch"] for x in results if x["priming"] == r["priming"]] for r in results}
     chosen = {(r["priming"], r["method"], r["lang"]): [x for x in results if x["priming"] == r["priming"]]
               for r in results}
-    data = {name: curves for name, (_, _, _, curves) in report.pictures(results, chosen).items()}
+    primings = {(r["priming"], r["priming_config"]["seed"]): r["priming_config"] for r in results if r["priming_config"]}
+    data = {name: curves for name, (_, _, _, curves) in report.pictures(primings, chosen).items()}
     meta_record, ft_record = (M.read_priming(str(tmp_path / m)) for m in ("meta", "ft"))
     assert data["priming"] == {"4/Meta Priming → AT, priming seed 1": meta_record["loss_by_step"],
                                "5/FT Priming → AT, priming seed 1": ft_record["loss_by_step"]}
