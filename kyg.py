@@ -20,6 +20,7 @@ import signal
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -161,16 +162,13 @@ def to_device_fn(tokenizer, device):
     return lambda examples: {k: v.to(device, non_blocking=True) for k, v in collate(examples, pad_id).items()}
 
 
-class LogLines:
-    """tqdm's file when stderr is a log: each update a line of its own, not carriage-return redraws."""
-    write = staticmethod(lambda text: text.strip() and sys.stderr.write(text.strip("\r").rstrip() + "\n"))
-    flush = staticmethod(lambda: sys.stderr.flush())
-
-
 def progress(**kwargs):
-    """A progress bar with an ETA: the notebook kind in a notebook, a line a minute in a log file."""
+    """A progress bar with an ETA: the notebook kind in a notebook; in a log file, a line a minute
+    (each update a line of its own, not carriage-return redraws)."""
+    lines = SimpleNamespace(write=lambda text: text.strip() and sys.stderr.write(text.strip("\r").rstrip() + "\n"),
+                            flush=sys.stderr.flush)
     in_log = not sys.stderr.isatty() and "ipykernel" not in sys.modules
-    return tqdm(**kwargs, **({"file": LogLines(), "mininterval": 60} if in_log else {}))
+    return tqdm(**kwargs, **({"file": lines, "mininterval": 60} if in_log else {}))
 
 
 def priming_label(priming):
@@ -338,10 +336,9 @@ def finetune(args):
     if args.live_trunk and args.method not in STORED_FEATURES:
         raise KygError(f"--live-trunk is for head and adapter tuning: {args.method} always runs the encoder")
     priming = M.read_priming(args.init) if args.init else None
-    primed_from = priming["model"] if priming else args.model
-    if os.path.normpath(primed_from) != os.path.normpath(args.model):
-        raise KygError(f"{args.init} was primed from {primed_from!r}, not from --model {args.model!r}; "
-                       f"pass --model {primed_from}")
+    if priming and os.path.normpath(priming["model"]) != os.path.normpath(args.model):
+        raise KygError(f"{args.init} was primed from {priming['model']!r}, not from --model {args.model!r}; "
+                       f"pass --model {priming['model']}")
     os.makedirs(args.out, exist_ok=True)
     configs = [run_config(args, priming, lang, lr, seed) for lang in args.lang
                for lr in args.lr or [FINETUNE_LR[args.method]] for seed in args.seed]
@@ -356,7 +353,7 @@ def tune_language(args, priming, configs, wait):
     held, prepared = [], None
     for config in configs:
         name = run_name(config, priming)
-        with report.claim(args.out, name, wait) as mine:
+        with report.lock(os.path.join(args.out, "claims", f"{name}.lock"), wait) as mine:  # the run's claim
             if not mine:
                 held.append(config)
             elif recorded(args.out, config):

@@ -3,10 +3,10 @@
     python kyg.py table results/paper-scale     # -> table.md and the figures beside results.jsonl
 
 Every table and claim is computed from `results.jsonl`, one JSON line per fine-tuning run, so it
-must hold each run once: kyg.py claims a run before it starts it (`claim`) and appends its line
-under a lock. Both are `filelock` locks, which the operating system drops when their process
-dies, on Linux, macOS and Windows. Then the paper's Table 1, the map of its rows (ours too) that
-run.sh also reads, the orderings the paper claims, and `table`. Imports no torch.
+must hold each run once: kyg.py claims a run before it starts it and appends its line, each under
+a `lock`, which the operating system drops when its process dies, on Linux, macOS and Windows.
+Then the paper's Table 1, the map of its rows (ours too) that run.sh also reads, the orderings
+the paper claims, and `table`. Imports no torch.
 """
 import json
 import os
@@ -44,11 +44,6 @@ def lock(path, wait=True):
             yield True
     except Timeout:
         yield False
-
-
-def claim(directory, run_name, wait):
-    """A fine-tuning run's claim: only its holder may run it, and it records the run before letting go."""
-    return lock(os.path.join(directory, "claims", f"{run_name}.lock"), wait)
 
 
 def append_result(directory, record):
