@@ -56,7 +56,7 @@ case "${1:-}" in
     "") OUT=${KYG_OUT:-runs/paper} ;;
     smoke)
         OUT=${KYG_OUT:-runs/smoke}
-        python kyg.py tiny "$OUT/tiny"
+        [[ -d $OUT/tiny ]] || { python kyg.py tiny "$OUT/tiny.$$" && mv "$OUT/tiny.$$" "$OUT/tiny"; }  # whole, or not there
         KYG_MODEL=$OUT/tiny/model KYG_DATA_DIR=$OUT/tiny/data KYG_SEEDS=${KYG_SEEDS:-1 2} KYG_LANGS=${KYG_LANGS:-hi af}
         KYG_PRIME_STEPS=8 KYG_EPOCHS=2 KYG_PRIME_SEEDS=${KYG_PRIME_SEEDS:-1 2} KYG_LRS=${KYG_LRS:-1e-2}
         KYG_ROWS=${KYG_ROWS:-$ALL_ROWS meta-lora:lora meta-bitfit:bitfit meta-lora:adapter}
