@@ -687,6 +687,14 @@ def test_the_command_line_needs_no_fcntl():
     assert run.returncode == 0 and "--method" in run.stdout, run.stderr
 
 
+def test_reporting_needs_no_torch(tmp_path):
+    """report.py (the records and the table) imports and draws a table where torch is missing."""
+    report.append_result(str(tmp_path), {"priming": "none", "method": "adapter", "lang": "hi", "seed": 1, "test_f1": 1.0})
+    code = "import sys\nsys.modules['torch'] = None\nimport report\nreport.table(sys.argv[1])"
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=HERE, capture_output=True, text=True)
+    assert run.returncode == 0 and (tmp_path / "table.md").exists(), run.stderr
+
+
 def test_a_primed_model_is_a_hugging_face_directory_holding_the_primed_weights(tiny, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModel
