@@ -4,11 +4,10 @@
     python bench.py --small --repeats 3  # a tiny config that runs on a CPU in seconds (the tests use it)
     python bench.py --model DIR --data-dir ../shared/data/wikiann   # another encoder, real sentences
 
-The median of repeated runs of each, in this one process on one device, so that the ratios hold
-on a noisy machine where absolute times do not: a fine-tuning step of the whole model (the unit),
-the encoder's forward, and meta-steps (2 tasks, S = 5) of Algorithm 1 with the trunk computed
-once ("cached") and line by line ("full"), of the MAML loop, and of the exact meta-gradient
-("2nd"). Peak memory is measured on CUDA only.
+Medians of repeats, all in one process on one device, so that ratios hold on a noisy machine: a
+fine-tuning step of the whole model (the unit), the encoder's forward, meta-steps (2 tasks, S = 5)
+of Algorithm 1 with the trunk once ("cached") or line by line ("full"), of the MAML loop, and of
+the exact meta-gradient ("2nd"). Peak memory on CUDA only.
 """
 import argparse
 import statistics
@@ -133,8 +132,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device")
     args = p.parse_args(argv)
-    text = report(args, *run(args))
-    print(text)
+    print(text := report(args, *run(args)))
     return text
 
 

@@ -35,10 +35,7 @@ class Sentence:
 # ----------------------------------------------------------------------------- reading
 
 def load_split(lang, split, data_dir=None, max_sentences=None):
-    """The sentences of one WikiAnn split, from `data_dir` when given, else from the hub; with
-    `max_sentences`, the first N of them (in the dataset's order)."""
-    if split not in SPLITS:
-        raise KygError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    """One WikiAnn split's sentences, from `data_dir` or else the hub; the first `max_sentences` if given."""
     sentences = _read_local(lang, split, data_dir) if data_dir else _read_hub(lang, split)
     if not sentences:
         raise KygError(f"the {split} split of {lang!r} has no sentences: check the data "
@@ -147,9 +144,8 @@ def collate(examples, pad_id):
 
 
 def batches(examples, batch_size, rng=None):
-    """Index lists of batches. With `rng` (training): shuffled, then length-bucketed -- sorted by
-    length within windows of 50 batches, so a batch pads little yet the order stays random.
-    Without (evaluation): sorted by length, the least padding of all."""
+    """Index lists of batches: sorted by length (evaluation), or with `rng` (training) shuffled, sorted
+    within windows of 50 batches, so that a batch pads little and the order stays random."""
     order = list(range(len(examples)))
     length = lambda i: len(examples[i].input_ids)
     if rng is None:
@@ -167,10 +163,9 @@ def batches(examples, batch_size, rng=None):
 # ----------------------------------------------------------------------------- priming tasks
 
 class TaskSampler:
-    """Alg. 1, line 7: "sample a batch of tasks 𝒯". A task is one source language's pair of disjoint
-    batches from its train split, support 𝒟tr and query 𝒟ts. A meta-batch holds one task per source
-    language. Each language is walked in a shuffled order, reshuffled when used up, so within a pass
-    no sentence is drawn twice."""
+    """Alg. 1, line 7: "sample a batch of tasks 𝒯", one per source language, each two disjoint batches
+    of its train split, support 𝒟tr and query 𝒟ts. A language is walked in a shuffled order,
+    reshuffled when used up, so within a pass no sentence is drawn twice."""
 
     def __init__(self, examples_by_lang, support_size, query_size, seed):
         self.examples = examples_by_lang
@@ -235,9 +230,8 @@ _TINY_ENTITY_START = {"PER": "ka", "ORG": "ba", "LOC": "vi"}  # what makes the t
 
 
 def write_tiny_data(directory, languages, sizes=(200, 50, 50), seed=0):
-    """WikiAnn-shaped synthetic data, `{lang}/{train,dev,test}.tsv`, for tests and `run.sh smoke`.
-    Words are 1-3 syllables; an entity word starts with its type's syllable, every other word
-    does not, and entities span one or two words. Each language draws its own sentences."""
+    """WikiAnn-shaped data, `{lang}/{train,dev,test}.tsv`, for tests and `run.sh smoke`: words of 1-3
+    syllables, an entity word starting with its type's syllable, entities of one or two words."""
     others = [s for s in TINY_SYLLABLES if s not in _TINY_ENTITY_START.values() and s != "."]
     for lang in languages:
         rng = random.Random(f"{seed}-{lang}")

@@ -6,9 +6,8 @@
     python kyg.py table results                                      # ours beside Table 1
     python kyg.py tiny DIR        # a tiny BERT and tiny WikiAnn-style data, for offline smoke runs
 
-Table 1's rows (report.ROWS): 1 finetune full, 2 head, 3 adapter; 4 prime meta, 5 prime ft,
-6 prime maml, 7 prime meta --inner-steps 1, each -> finetune adapter. run.sh runs them all.
-Processes started on one command share it: each run is claimed, one primes while others wait.
+Table 1's rows: 1 finetune full, 2 head, 3 adapter; 4 prime meta, 5 ft, 6 maml, 7 meta --inner-steps 1,
+each -> finetune adapter (report.ROWS; run.sh runs them). Processes on one command share its work.
 """
 import argparse
 import hashlib
@@ -58,8 +57,7 @@ def main(argv=None):
     except KygError as e:
         sys.exit(f"kyg: error: {e}")
     except OSError as e:  # a path that cannot be written or read: under a file, read-only, a full disk
-        sys.exit(f"kyg: error: {e.filename or 'a file'}: {e.strerror or e}; check that path and its "
-                 f"permissions, or pass another")
+        sys.exit(f"kyg: error: {e.filename or 'a file'}: {e.strerror or e}; check that path and its permissions")
 
 
 class Parser(argparse.ArgumentParser):
@@ -163,8 +161,8 @@ def to_device_fn(tokenizer, device):
 
 
 def progress(**kwargs):
-    """A progress bar with an ETA: the notebook kind in a notebook; in a log file, a line a minute
-    (each update a line of its own, not carriage-return redraws)."""
+    """A progress bar with an ETA: the notebook kind in a notebook; in a log file, a line a minute."""
+    # In a log, each update a line of its own, not carriage-return redraws.
     lines = SimpleNamespace(write=lambda text: text.strip() and sys.stderr.write(text.strip("\r").rstrip() + "\n"),
                             flush=sys.stderr.flush)
     in_log = not sys.stderr.isatty() and "ipykernel" not in sys.modules
@@ -172,10 +170,9 @@ def progress(**kwargs):
 
 
 def priming_label(priming):
-    """How a model was primed, as report.ROWS names it: none, meta, ft or maml; then -lora or
-    -bitfit when θa was not the adapter, -S<n> when S was not the paper's 5 (row 7: -S1),
-    -head<lr> for FT priming with its own head rate (row 5b), -2nd for the exact meta-gradient.
-    Read from the priming's record alone, so a change of kyg's defaults never relabels one."""
+    """How a model was primed, as report.ROWS names it: none, meta, ft or maml; -lora or -bitfit; -S<n>
+    when S was not the paper's 5 (row 7); -head<lr> (row 5b); -2nd. From the record alone, so that a
+    change of kyg's defaults never relabels a priming."""
     return "none" if priming is None else "".join([
         priming["method"], f"-{priming['pe']}" if priming["pe"] != "adapter" else "",
         f"-S{priming['inner_steps']}" if priming.get("inner_steps", 5) != 5 else "",  # ft has no inner loop
@@ -197,8 +194,7 @@ SAVE_MINUTES = 10  # the resumable state of a priming is saved this often by def
 
 
 def priming_settings(args):
-    """What makes two primings the same priming, of the settings its method uses: a rerun resumes
-    or skips it, and refuses other values."""
+    """The settings that make a priming what it is, of those its method uses: a rerun must match them."""
     keys = ["method", "pe", "model", "data_dir", "source", "steps", "meta_lr", "support_size", "query_size",
             "max_train", "max_length", "seed"]
     keys += ["head_lr"] if args.method == "ft" else ["inner_steps", "inner_lr"]
@@ -210,9 +206,8 @@ def priming_settings(args):
 
 
 def prime(args):
-    """Write a primed model directory: θp and θa after Algorithm 1 (or setting 5) on --source. A
-    stopped run (Ctrl-C, a crash, a kill) resumes from the state it last saved in --out; while one
-    process primes --out, another started on it waits, then finds it primed."""
+    """Write a primed model directory, θp and θa after Algorithm 1 (or setting 5) on --source; resume
+    a stopped one from its last saved state; wait while another process primes the same --out."""
     if os.path.isfile(args.out):
         raise KygError(f"--out {args.out} is a file; priming writes a directory: pass a new path")
     if args.second_order and args.method != "meta":
@@ -303,14 +298,12 @@ STORED_FEATURES = ("head", "adapter")  # the methods that leave f(x; θp) alone 
 
 
 def pe_method_of(method, priming):
-    """The PE method whose θa the tuned model holds: the method's own, or for full fine-tuning
-    the priming's (so that a primed θa is fine-tuned too), or none."""
+    """The PE method of the tuned model's θa: the method's own; for full FT the priming's, or none."""
     return method if method in M.PE_METHODS else priming["pe"] if priming and method == "full" else None
 
 
 def run_config(args, priming, lang, lr, seed):
-    """What makes a fine-tuning run the run it is (the device does not), of the settings its method
-    uses: a rerun skips a run whose config is recorded, and workers claim runs by it."""
+    """The settings that make a run what it is, of those its method uses: its key to skip and claim it."""
     config = {key: getattr(args, key) for key in ("model", "data_dir", "init", "method", "max_train", "max_eval",
                                                    "max_dev", "max_length", "epochs", "batch_size")}
     return {**config, "lang": lang, "lr": lr, "seed": seed, "schedule": FINETUNE_SCHEDULE[args.method],
@@ -325,14 +318,12 @@ def run_name(config, priming):
     return f"{priming_label(priming)}-{config['method']}-{config['lang']}-lr{config['lr']:g}-s{config['seed']}-{digest}"
 
 
-def recorded(out, config):
-    """Whether OUT/results.jsonl holds the run."""
+def recorded(out, config):  # whether OUT/results.jsonl holds the run
     return any(all(r.get("config", {}).get(k) == v for k, v in config.items()) for r in report.read_results(out))
 
 
 def finetune(args):
-    """Every run of --lang × --lr × --seed not yet in OUT/results.jsonl. Runs another process holds
-    are left to it, then waited for: one whose process died is redone here."""
+    """Every run of --lang × --lr × --seed not in OUT/results.jsonl; those other processes hold, last."""
     if args.live_trunk and args.method not in STORED_FEATURES:
         raise KygError(f"--live-trunk is for head and adapter tuning: {args.method} always runs the encoder")
     priming = M.read_priming(args.init) if args.init else None
@@ -348,8 +339,7 @@ def finetune(args):
 
 
 def tune_language(args, priming, configs, wait):
-    """Run each of one language's `configs` that is not recorded yet and that this process can
-    claim (with `wait`, once the process holding it lets go); returns those another one holds."""
+    """Run each of one language's unrecorded `configs` this process can claim; return those it cannot."""
     held, prepared = [], None
     for config in configs:
         name = run_name(config, priming)
@@ -365,8 +355,7 @@ def tune_language(args, priming, configs, wait):
 
 
 def tagger(args, priming, lang):
-    """(model, tokenizer) to fine-tune on `lang`: the primed model of --init (a Hugging Face
-    directory: θp, and θa where it fits), or --model."""
+    """(model, tokenizer) for `lang`: the primed model of --init (θp, and θa where it fits), or --model."""
     model, tokenizer = M.load(args.init or args.model, [lang], pe_method_of(args.method, priming), args.bottleneck)
     if priming:
         M.load_primed(model, priming, args.init)
@@ -374,9 +363,8 @@ def tagger(args, priming, lang):
 
 
 def prepare_language(args, priming, lang):
-    """What every run of a language shares: (train, dev, test) splits, each [examples] and, for the
-    methods that leave f(x; θp) alone, f's eval-mode output on each sentence, [T_i, H] (else None).
-    Scoring on them is exact; training on them (the default) drops the dropout inside f."""
+    """What a language's runs share: (train, dev, test), each ([examples], f's eval-mode output on
+    each, [T_i, H], for the methods that leave f(x; θp) alone, else None): exact but for f's dropout."""
     model, tokenizer = tagger(args, priming, lang)
     split = lambda name, cap: encode(load_split(lang, name, args.data_dir, cap), tokenizer, args.max_length)
     train, dev, test = (split("train", args.max_train), split("dev", args.max_dev or args.max_eval),
@@ -421,8 +409,7 @@ def score(model, lang, split, to_device, batch_size):
 
 
 def fine_tune(args, priming, config, name, train, dev, test):
-    """One run: train --method's parameters on the config's language at its rate and seed, keep
-    the epoch with the best dev F1, score it on test, and append the record to OUT/results.jsonl."""
+    """One run: tune, keep the epoch with the best dev F1, score it on test, append the record."""
     lang, lr, seed = config["lang"], config["lr"], config["seed"]
     device = setup(args, seed)
     model, tokenizer = tagger(args, priming, lang)
@@ -430,7 +417,7 @@ def fine_tune(args, priming, config, name, train, dev, test):
     trainable = M.named_params(model.to(device).requires_grad_(False), *groups)
     for p in trainable.values():
         p.requires_grad_()
-    trained, total = M.parameter_count(model, groups)
+    trained, total = sum(p.numel() for p in trainable.values()), sum(p.numel() for p in model.parameters())
     print(f"kyg: {args.method} fine-tuning updates {trained:,} of {total:,} parameters ({100 * trained / total:.3g}%)")
     to_device = to_device_fn(tokenizer, device)
     optimizer = torch.optim.AdamW(trainable.values(), lr=lr, fused=device.type == "cuda")

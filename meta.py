@@ -18,11 +18,10 @@ parameters it updates and runs the model with `torch.func.functional_call`, whic
 other parameter from the model itself. No model is ever deep-copied.
 
 Variants, named as `kyg.py prime --method` names them: "meta" (Algorithm 1, settings 4 and 7)
-updates θa and θh in the inner loop; "maml" (setting 6) also runs the red line. Both are first
-order, as the paper's (§4.2), or "meta" exact with `second_order`. θa is the paper's adapter, or
-LoRA's factors or BitFit's biases (model.py): the loop only asks which parameters are θa.
-`fine_tune_step()` is setting 5: multi-task fine-tuning on the same data, with the same
-optimizer, schedule and number of updates.
+updates θa and θh in the inner loop, "maml" (setting 6) θp too: the red line. Both are first order
+as the paper's (§4.2); "meta" can be exact (`second_order`). θa is the adapter, or LoRA's or
+BitFit's (model.py): the loop only asks which parameters are θa. `fine_tune_step()` is setting 5:
+multi-task fine-tuning on the same data, optimizer, schedule and number of updates.
 """
 from dataclasses import dataclass
 
@@ -63,12 +62,9 @@ def task_loss(model, params, batch, lang, hidden=None):
 
 
 def adapt(model, support, lang, inner):
-    """Alg. 1, lines 9-12 for one task: S steps of plain SGD on the support batch.
-
-    Returns θ^i as {name: tensor} for the parameters the inner loop updated (θa, the task's θh,
-    and in "maml" θp; every other parameter of θ^i is the model's own, untouched), and the
-    support loss before each of the S steps, [S] (it falls when the inner loop learns).
-    """
+    """Alg. 1, lines 9-12 for one task: S steps of plain SGD on the support batch. Returns θ^i as
+    {name: tensor} of what the inner loop updated (θa, the task's θh, in "maml" θp; the rest of θ^i
+    is the model's own), and the support loss before each step, [S] (falling: the loop learns)."""
     second_order = inner.second_order
     # Alg. 1, line 9: θ^i = θ. Only what the inner loop changes needs a copy of its own; in
     # second order θa^i starts as θa itself, so that the inner steps stay on θa's graph.
@@ -99,10 +95,8 @@ def adapt(model, support, lang, inner):
 
 
 def meta_step(model, optimizer, scheduler, tasks, inner):
-    """One pass of the while loop, Alg. 1 lines 8-15, over an already sampled batch of tasks
-    (line 7): [(lang, support batch, query batch)]. The optimizer holds θp and θa (AdamW, β).
-    Returns the query loss summed over the tasks, and the support loss before each inner step
-    averaged over them, [S]."""
+    """Alg. 1, lines 8-15, on a sampled batch of tasks [(lang, support, query)]; the optimizer holds
+    θp and θa. Returns the query loss summed over the tasks and the support curve averaged, [S]."""
     optimizer.zero_grad(set_to_none=True)
     meta_params = named_params(model, "pretrained", "pe")
     first_heads = {}
@@ -128,8 +122,7 @@ def meta_step(model, optimizer, scheduler, tasks, inner):
         # Alg. 1, line 15 keeps the first task's adapted head; with a head per language, each
         # head keeps the one adapted by that language's first task in this meta-batch.
         # ✂ exercise 3: Alg. 1, line 15: θh = θh^1, kept here ...
-        first_heads.setdefault(lang, {n: p.detach() for n, p in fast.items()
-                                      if group_of(n, model.pe_method) == "head"})
+        first_heads.setdefault(lang, {n: p.detach() for n, p in fast.items() if group_of(n, model.pe_method) == "head"})
         # ✂ end
         del fast, loss  # before the next task's adapt(): the MAML loop holds one copy of θp at a time
     optimizer.step()  # Alg. 1, line 14: θp, θa ← AdamW step on the summed meta-gradient
@@ -159,9 +152,8 @@ def fine_tune_step(model, optimizer, scheduler, tasks):
 
 
 def priming_optimizer(model, meta_lr, steps, head_lr=None):
-    """Alg. 1, line 14's optimizer: AdamW at β over θp ∪ θa (and with `head_lr`, setting 5's
-    θh too, at that rate), its learning rate decaying linearly to 0 over `steps` (§4.2).
-    Returns (optimizer, scheduler)."""
+    """(optimizer, scheduler) of Alg. 1, line 14: AdamW at β over θp ∪ θa (with `head_lr`, setting 5's
+    θh too, at that rate), decaying linearly to 0 over `steps` (§4.2)."""
     params = list(named_params(model, "pretrained", "pe").values())
     groups = [{"params": params}] + ([{"params": list(named_params(model, "head").values()), "lr": head_lr}]
                                      if head_lr else [])
@@ -170,9 +162,8 @@ def priming_optimizer(model, meta_lr, steps, head_lr=None):
 
 
 def prime(model, task_batches, optimizer, scheduler, inner=None):
-    """Alg. 1, line 6, "while not converged": a meta-step on each batch of tasks (line 7, sampled
-    by the caller), or without `inner` a step of setting 5. Yields each step's query loss (for
-    setting 5, its training loss) and the support loss before each inner step ([S], or None)."""
+    """Alg. 1, line 6: a meta-step (without `inner`, a step of setting 5) on each batch of tasks the
+    caller samples (line 7). Yields each step's query (or training) loss and support curve (or None)."""
     model.train()
     for tasks in task_batches:
         yield (fine_tune_step(model, optimizer, scheduler, tasks), None) if inner is None else \

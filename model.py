@@ -90,19 +90,17 @@ class Tagger(nn.Module):
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def forward(self, lang, input_ids=None, attention_mask=None, hidden=None):
-        """Logits [B, T, len(LABELS)] from `lang`'s head. Pass `hidden` (the encoder's output,
-        [B, T, H]) instead of the ids to skip f: the cached-trunk paths, where θp is fixed."""
+        """Logits [B, T, len(LABELS)] from `lang`'s head; `hidden`, f's output [B, T, H], skips f."""
         if hidden is None:
             hidden = self.encode(input_ids, attention_mask)
         return self.heads[lang](self.dropout(self.adapter(hidden)))
 
     @property
     def trunk_is_fixed_by_pretrained(self):
-        """Whether f(x; θp) depends on θp alone: then, while θp is frozen (Algorithm 1's inner loop,
-        head and adapter tuning), f's output on a batch is the same at every step and no gradient of
-        θa or θh enters f, so f runs once per batch (meta.adapt) or per sentence (kyg.py's stored
-        features): exact, but for f's dropout, drawn once. True for the adapter and none; LoRA's
-        and BitFit's θa live inside f. Read off the partition, so a new PE method needs no list."""
+        """Whether f(x; θp) depends on θp alone (the adapter, or none; not LoRA's or BitFit's θa, which
+        live inside f): then while θp is frozen f's output on a batch is the same at every step and no
+        gradient of θa or θh enters f, so f runs once per batch (meta.adapt) or per sentence (kyg.py's
+        stored features), exact but for f's dropout, drawn once."""
         return not any(name.startswith("encoder.") for name in named_params(self, "pe"))
 
 
@@ -159,11 +157,6 @@ def load(model_name, languages, pe_method="adapter", bottleneck=64):
     return Tagger(encoder, languages, pe_method, bottleneck), tokenizer
 
 
-def parameter_count(model, groups):
-    """(trainable, total) parameter counts when `groups` are the ones being trained."""
-    return sum(p.numel() for p in named_params(model, *groups).values()), sum(p.numel() for p in model.parameters())
-
-
 # ----------------------------------------------------------------------------- files
 # Everything kyg writes is safetensors or JSON (never a pickle), written atomically.
 
@@ -190,8 +183,8 @@ PRIMING_RECORD, PRIMING_STATE, THETA_A = "priming.json", "priming-state.safetens
 
 
 def save_primed(model, tokenizer, priming, directory):
-    """The encoder's weights leave out LoRA's factors, which AutoModel does not know; θa, whatever
-    the method, goes to pe.safetensors under its parameter names."""
+    """θp as save_pretrained writes it, without LoRA's factors (AutoModel does not know them); θa in
+    pe.safetensors; priming.json last."""
     model.encoder.save_pretrained(directory, state_dict={name: value for name, value in
                                                          model.encoder.state_dict().items() if ".lora_" not in name})
     tokenizer.save_pretrained(directory)
@@ -222,9 +215,8 @@ def read_priming(directory):
 
 
 def load_primed(model, priming, directory):
-    """θa from the primed model directory that `priming` (read_priming) describes, into `model`
-    (loaded from that directory, so with θp primed), when it was primed for the model's PE method;
-    else θa starts fresh (LoRA's factors mean nothing to an adapter)."""
+    """θa from the primed directory `priming` describes into `model` (loaded from it, so θp is primed),
+    when primed for the model's PE method; else θa starts fresh (LoRA's factors mean nothing to g)."""
     theta_a = load_tensors(os.path.join(directory, THETA_A))[0]
     with torch.no_grad():
         for name, p in named_params(model, "pe").items() if priming["pe"] == model.pe_method else []:
@@ -268,9 +260,8 @@ def restore_priming_state(tensors, record, model, optimizer, scheduler, sampler)
 # ----------------------------------------------------------------------------- tiny model
 
 def write_tiny_model(directory, syllables, seed=0):
-    """A 2-layer, hidden-32 BERT with random weights whose WordPiece vocabulary is `syllables`
-    (word-initial) and `##syllables` (word-inner), so a word of k syllables is k sub-words.
-    Saved as a normal Hugging Face directory (config, weights, vocab.txt)."""
+    """A 2-layer, hidden-32 BERT with random weights, as a Hugging Face directory, whose vocabulary is
+    `syllables` and `##syllables`, so a word of k syllables is k sub-words."""
     from transformers import BertConfig, BertModel
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(syllables) + ["##" + s for s in syllables]
     torch.manual_seed(seed)

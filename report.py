@@ -36,8 +36,7 @@ def write_text(text, path):
 
 @contextmanager
 def lock(path, wait=True):
-    """Hold the lock file `path` (yields True), or with `wait` False yield False at once if another
-    process holds it. Released on leaving the block, or when the process dies."""
+    """Hold the lock file `path` (True), or without `wait` yield False if another process holds it."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         with FileLock(path, timeout=-1 if wait else 0):
@@ -124,8 +123,8 @@ def markdown(header, rows):
 
 
 def table(directory):
-    """Ours (mean ± std over seeds) beside the paper's Table 1, Figure 3, the orderings, Figure 4 ->
-    DIR/table.md and figures. Returns the table's text and a line about the figures."""
+    """Ours beside the paper's Table 1, Figure 3, the orderings, Figure 4 -> DIR/table.md and figures;
+    returns the table's text and a line about the figures."""
     results = read_results(directory)
     if not results:
         raise KygError(f"no results in {directory}/results.jsonl: run `kyg.py finetune --out {directory}` first")
@@ -231,10 +230,9 @@ def table(directory):
 
 
 def pictures(primings, chosen):
-    """What the pictures of priming at work plot: {file: (title, x label, y label, {line: [y]})}, from
-    the primings {(label, seed): record} and the runs `chosen` on dev. Each priming's loss at every
-    step; its support loss over the S inner steps, averaged over the first and the last tenth of
-    its steps; dev F1 after each epoch of adapter tuning, averaged over each row's runs."""
+    """{file: (title, x label, y label, {line: [y]})} from the primings {(label, seed): record} and the
+    runs `chosen` on dev: each priming's loss by step, its support loss over the S inner steps (mean
+    of its first and of its last tenth of steps), dev F1 by epoch of adapter tuning after each."""
     name = {(p, m): row_name for p, m, row_name in ROWS.values() if row_name}
     loss, inner, tuning = {}, {}, {}
     for (label, seed), p in sorted(primings.items()):
