@@ -281,8 +281,7 @@ def prime_alone(args, settings):
     losses, curves = history["loss"], history["support_loss"] or None
     curve = curves and [round(statistics.mean(step), 4) for step in zip(*curves)]
     priming = {**settings, "seconds": round(time.time() - started, 1), "loss_by_step": [round(x, 4) for x in losses],
-               "support_loss_by_inner_step": curve, "support_loss_by_step": curves and [
-                   [round(x, 3) for x in c] for c in curves]}
+               "support_loss_by_step": curves and [[round(x, 3) for x in c] for c in curves]}
     M.save_primed(model, tokenizer, priming, args.out)  # priming.json last: only now is it finished
     if os.path.isfile(state_path):
         os.remove(state_path)
