@@ -209,10 +209,10 @@ class TaskSampler:
 
 # ----------------------------------------------------------------------------- scoring
 
-def word_tags(example, logits):
-    """logits [T, len(LABELS)] of one sentence -> one tag string per gold word; a word whose first
-    sub-word the model never saw (cut by truncation) is predicted `O`."""
-    best = logits.argmax(-1).tolist()
+def word_tags(example, predicted):
+    """The predicted label id of each sub-word of one sentence [T] (the logits' argmax) -> one tag string per
+    gold word; a word whose first sub-word the model never saw (cut by truncation) is predicted `O`."""
+    best = predicted.tolist()
     return [LABELS[best[p]] if p >= 0 else "O" for p in example.word_positions]
 
 

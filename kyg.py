@@ -10,6 +10,8 @@ Table 1's rows: 1 finetune full, 2 head, 3 adapter; 4 prime meta, 5 ft, 6 maml, 
 each -> finetune adapter (report.ROWS; run.sh runs them). Processes on one command share its work.
 """
 import argparse
+import copy
+import functools
 import hashlib
 import json
 import math
@@ -19,6 +21,7 @@ import signal
 import statistics
 import sys
 import time
+from collections import namedtuple
 from types import SimpleNamespace
 
 import torch
@@ -56,6 +59,9 @@ def main(argv=None):
         args.command(args)
     except KygError as e:
         sys.exit(f"kyg: error: {e}")
+    except torch.OutOfMemoryError as e:  # before OSError: a device's memory, not a file
+        sys.exit(f"kyg: error: out of memory on the device ({str(e).splitlines()[0][:120]}); pass a smaller "
+                 f"--batch-size, or --bf16, or free the device")
     except OSError as e:  # a path that cannot be written or read: under a file, read-only, a full disk
         sys.exit(f"kyg: error: {e.filename or 'a file'}: {e.strerror or e}; check that path and its permissions")
 
@@ -85,6 +91,9 @@ def parser():
         q.add_argument("--model", default=MODEL, help=f"hub name or local directory (default {MODEL})")
         q.add_argument("--data-dir", help="local WikiAnn, {lang}/{train,dev,test}.tsv[.gz] (default: the hub)")
         q.add_argument("--device", help="default: cuda when present, else cpu")
+        q.add_argument("--bf16", action="store_true", help="run the encoder's forward under bfloat16 autocast "
+                       "(losses, optimizer and stored features stay fp32); off: the paper's numbers are fp32")
+        q.add_argument("--tf32", action="store_true", help="on CUDA, let fp32 matrix products use TF32")
         q.add_argument("--max-train", type=count, help="use only the first N training sentences per language")
         q.add_argument("--max-length", type=count, default=MAX_LENGTH, help="sub-words the model sees")
         q.add_argument("--batch-size", type=count, default=BATCH_SIZE)
@@ -142,22 +151,35 @@ def parser():
 
 # ----------------------------------------------------------------------------- shared helpers
 
-def setup(args, seed):
-    """Seed everything; the device to run on, refused in one line when this machine lacks it."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+def device_of(args):
+    """The device to run on, tried with a kernel (a torch built without kernels for this GPU fails
+    here, not mid-run), refused in one line when it cannot run one; --tf32 applies to it."""
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError) as e:  # no such device here, or a torch built without it
-        raise KygError(f"--device {device} is not available here ({str(e).strip().splitlines()[0]}); "
+        ones = torch.ones(4, 4, device=name)
+        (ones @ ones).sum().item()
+    except (RuntimeError, AssertionError) as e:  # no such device here, a torch built without it, a full GPU
+        raise KygError(f"--device {name} is not available here ({str(e).strip().splitlines()[0][:160]}); "
                        f"pass --device cpu, or leave --device out")
-    return torch.device(device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    return torch.device(name)
+
+
+def precision(args):
+    """What a run computes in, part of what makes it what it is: fp32 (the paper's), bf16, tf32 or both."""
+    return "+".join(name for name, on in (("bf16", args.bf16), ("tf32", args.tf32)) if on) or "fp32"
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)  # every device's generator
 
 
 def to_device_fn(tokenizer, device):
+    """[Example] -> {input_ids, attention_mask, labels} [B, T] on `device`, or only the tensors `keys`."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return lambda examples: {k: v.to(device, non_blocking=True) for k, v in collate(examples, pad_id).items()}
+    return lambda examples, keys=("input_ids", "attention_mask", "labels"): {
+        k: v.to(device, non_blocking=True) for k, v in collate(examples, pad_id).items() if k in keys}
 
 
 def progress(**kwargs):
@@ -167,6 +189,12 @@ def progress(**kwargs):
                             flush=sys.stderr.flush)
     in_log = not sys.stderr.isatty() and "ipykernel" not in sys.modules
     return tqdm(**kwargs, **({"file": lines, "mininterval": 60} if in_log else {}))
+
+
+def redraws_next(bar):
+    """Whether bar.update() will redraw the bar: only then is a loss worth reading off the device,
+    which waits for it (a sync) and so stalls the queue of work."""
+    return bar.n + 1 - bar.last_print_n >= bar.miniters and time.time() - bar.last_print_t >= bar.mininterval
 
 
 def priming_label(priming):
@@ -193,16 +221,22 @@ def same_settings(saved, settings, what):
 SAVE_MINUTES = 10  # the resumable state of a priming is saved this often by default
 
 
-def priming_settings(args):
-    """The settings that make a priming what it is, of those its method uses: a rerun must match them."""
+def priming_settings(args, device):
+    """The settings that make a priming what it is, of those its method uses: a rerun must match them.
+    The device is one of them: a priming resumes only where its optimizer and RNG states belong."""
     keys = ["method", "pe", "model", "data_dir", "source", "steps", "meta_lr", "support_size", "query_size",
             "max_train", "max_length", "seed"]
-    keys += ["head_lr"] if args.method == "ft" else ["inner_steps", "inner_lr"]
+    keys += ["head_lr"] if args.method == "ft" else ["inner_steps"]
     keys += ["second_order"] if args.method == "meta" else []
     settings = {key: getattr(args, key) for key in keys}
+    if args.method != "ft":
+        settings["inner_lr"] = args.inner_lr or INNER_LR[args.method]
     if args.pe == "adapter":
         settings.update(bottleneck=args.bottleneck, adapter_init=M.ADAPTER_INIT)
-    return settings
+    return {**settings, "device": device.type, "precision": precision(args)}
+
+
+PrimingRun = namedtuple("PrimingRun", "model tokenizer sampler optimizer scheduler settings")
 
 
 def prime(args):
@@ -214,15 +248,16 @@ def prime(args):
         raise KygError(f"--second-order is for --method meta (the PE inner loop); drop it for {args.method}")
     if args.head_lr and args.method != "ft":
         raise KygError(f"--head-lr is for --method ft (meta and maml train heads in the inner loop, at α)")
-    args.inner_lr = args.inner_lr or INNER_LR.get(args.method)  # ft has no inner loop
+    device = device_of(args)
+    settings = priming_settings(args, device)
     for wait in (False, True):
         with report.lock(os.path.normpath(args.out) + ".lock", wait) as mine:
             if mine:
-                return prime_alone(args, priming_settings(args))
+                return prime_alone(args, settings, device)
         print(f"kyg: another kyg is priming {args.out}; waiting for it", file=sys.stderr)
 
 
-def prime_alone(args, settings):
+def prime_alone(args, settings, device):
     state_path = os.path.join(args.out, M.PRIMING_STATE)
     if os.path.isfile(os.path.join(args.out, M.PRIMING_RECORD)):
         same_settings(M.read_priming(args.out), settings, args.out)
@@ -231,24 +266,40 @@ def prime_alone(args, settings):
     saved = M.load_tensors(state_path) if os.path.isfile(state_path) else None
     if saved:
         same_settings(saved[1]["settings"], settings, f"the stopped priming in {args.out}")
-    device = setup(args, args.seed)
+    run = start_priming(args, settings, device)
+    history = {"loss": [], "support_loss": [], "seconds": 0.0}
+    if saved:
+        history = M.restore_priming_state(*saved, run.model, run.optimizer, run.scheduler, run.sampler)["history"]
+        print(f"kyg: resuming the priming in {args.out} from step {len(history['loss'])} of {run.settings['steps']}")
+    finish_priming(args, run, priming_loop(args, run, history, device))
+
+
+def start_priming(args, settings, device):
+    """The model, tokenizer, task sampler (Alg. 1, line 7) and optimizer of a priming from its start;
+    its settings with the number of steps resolved."""
+    seed_everything(args.seed)
     model, tokenizer = M.load(args.model, args.source, args.pe, args.bottleneck)
+    model.bf16 = args.bf16
     sources = {lang: encode(load_split(lang, "train", args.data_dir, args.max_train), tokenizer, args.max_length)
                for lang in args.source}
     sampler = TaskSampler(sources, args.support_size, args.query_size, args.seed)
-    steps = settings["steps"] = args.steps or sampler.steps_per_pass()
+    steps = args.steps or sampler.steps_per_pass()
     why = "--steps" if args.steps else f"one pass over {min(map(len, sources.values()))} sentences, the smallest " \
         f"source language's training sentences, {args.support_size} + {args.query_size} a task"
     print(f"kyg: priming takes {steps} {'updates' if args.method == 'ft' else 'meta-steps'} ({why})")
     optimizer, scheduler = priming_optimizer(model.to(device), args.meta_lr, steps,
                                              (args.head_lr or args.meta_lr) if args.method == "ft" else None)
-    history = {"loss": [], "support_loss": [], "seconds": 0.0}
-    if saved:
-        history = M.restore_priming_state(*saved, model, optimizer, scheduler, sampler)["history"]
-        print(f"kyg: resuming the priming in {args.out} from step {len(history['loss'])} of {steps}")
-    inner = None if args.method == "ft" else InnerLoop(args.method, args.inner_steps, args.inner_lr, args.second_order)
-    to_device = to_device_fn(tokenizer, device)
-    task_batches = ([(lang, to_device(support), to_device(query)) for lang, support, query in sampler.sample()]
+    return PrimingRun(model, tokenizer, sampler, optimizer, scheduler, {**settings, "steps": steps})
+
+
+def priming_loop(args, run, history, device):
+    """The steps from where `history` ends to the last; saves the state a stopped run resumes from
+    every --save-every steps (or SAVE_MINUTES), and on Ctrl-C, then stops. Returns the history."""
+    settings, steps = run.settings, run.settings["steps"]
+    inner = None if args.method == "ft" else \
+        InnerLoop(args.method, args.inner_steps, settings["inner_lr"], args.second_order)
+    to_device = to_device_fn(run.tokenizer, device)
+    task_batches = ([(lang, to_device(support), to_device(query)) for lang, support, query in run.sampler.sample()]
                     for _ in range(len(history["loss"]), steps))  # Alg. 1, line 7, one batch per step left
     started, last_save, stop = time.time() - history["seconds"], time.time(), []
 
@@ -260,17 +311,17 @@ def prime_alone(args, settings):
     previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
     bar = progress(total=steps, initial=len(history["loss"]), desc=f"prime {args.method}", unit="step")
     try:
-        for loss, support_losses in priming_steps(model, task_batches, optimizer, scheduler, inner):
+        for loss, support_losses in priming_steps(run.model, task_batches, run.optimizer, run.scheduler, inner):
             history["loss"].append(loss)
             history["support_loss"] += [support_losses] if support_losses else []
-            bar.update()
+            history["seconds"] = round(time.time() - started, 1)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            bar.update()
             step = len(history["loss"])
             due = step % args.save_every == 0 if args.save_every else time.time() - last_save >= 60 * SAVE_MINUTES
             if step < steps and (due or stop):  # the state a stopped run resumes from
-                history["seconds"] = round(time.time() - started, 1)
-                M.save_priming_state(state_path, model, optimizer, scheduler, sampler,
-                                     {"settings": settings, "history": history})
+                M.save_priming_state(os.path.join(args.out, M.PRIMING_STATE), run.model, run.optimizer,
+                                     run.scheduler, run.sampler, {"settings": settings, "history": history})
                 last_save = time.time()
                 if stop:
                     sys.exit(f"kyg: stopped after step {step} of {steps}, state saved in {args.out}; "
@@ -278,15 +329,20 @@ def prime_alone(args, settings):
     finally:
         bar.close()
         signal.signal(signal.SIGINT, previous_handler)
+    return history
+
+
+def finish_priming(args, run, history):
+    """Alg. 1, line 17: return θp, θa, as a primed model directory with the record of the priming."""
     losses, curves = history["loss"], history["support_loss"] or None
-    curve = curves and [round(statistics.mean(step), 4) for step in zip(*curves)]
-    priming = {**settings, "seconds": round(time.time() - started, 1), "loss_by_step": [round(x, 4) for x in losses],
+    priming = {**run.settings, "seconds": history["seconds"], "loss_by_step": [round(x, 4) for x in losses],
                "support_loss_by_step": curves and [[round(x, 3) for x in c] for c in curves]}
-    M.save_primed(model, tokenizer, priming, args.out)  # priming.json last: only now is it finished
-    if os.path.isfile(state_path):
-        os.remove(state_path)
+    M.save_primed(run.model, run.tokenizer, priming, args.out)  # priming.json last: only now is it finished
+    if os.path.isfile(os.path.join(args.out, M.PRIMING_STATE)):
+        os.remove(os.path.join(args.out, M.PRIMING_STATE))
+    curve = curves and [round(statistics.mean(step), 4) for step in zip(*curves)]
     inner_curve = f", support loss over the inner steps {' > '.join(f'{x:.3f}' for x in curve)}" if curve else ""
-    print(f"kyg: primed ({priming_label(priming)}, {steps} steps, {priming['seconds']} s, query loss "
+    print(f"kyg: primed ({priming_label(priming)}, {len(losses)} steps, {priming['seconds']} s, query loss "
           f"{losses[0]:.3f} -> {losses[-1]:.3f}{inner_curve}) -> {args.out}")
 
 
@@ -294,6 +350,8 @@ def prime_alone(args, settings):
 
 TRAINED = {"full": ("pretrained", "pe", "head"), "head": ("head",)}  # the PE methods: ("pe", "head")
 STORED_FEATURES = ("head", "adapter")  # the methods that leave f(x; θp) alone (Tagger.trunk_is_fixed_by_pretrained)
+Split = namedtuple("Split", "examples features")  # features: f's output on each sentence, [T_i, H], or None
+Language = namedtuple("Language", "encoder tokenizer train dev test")  # what a language's runs share
 
 
 def pe_method_of(method, priming):
@@ -301,11 +359,13 @@ def pe_method_of(method, priming):
     return method if method in M.PE_METHODS else priming["pe"] if priming and method == "full" else None
 
 
-def run_config(args, priming, lang, lr, seed):
-    """The settings that make a run what it is, of those its method uses: its key to skip and claim it."""
+def run_config(args, priming, device, lang, lr, seed):
+    """The settings that make a run what it is, of those its method uses: its key to skip and claim it.
+    The device and the precision are among them: runs on a CPU and on a GPU are different runs."""
     config = {key: getattr(args, key) for key in ("model", "data_dir", "init", "method", "max_train", "max_eval",
                                                    "max_dev", "max_length", "epochs", "batch_size")}
     return {**config, "lang": lang, "lr": lr, "seed": seed, "schedule": FINETUNE_SCHEDULE[args.method],
+            "device": device.type, "precision": precision(args),
             **({"cached_trunk": not args.live_trunk} if args.method in STORED_FEATURES else {}),
             **({"bottleneck": args.bottleneck, "adapter_init": M.ADAPTER_INIT}
                if pe_method_of(args.method, priming) == "adapter" else {})}
@@ -322,105 +382,110 @@ def recorded(out, config):  # whether OUT/results.jsonl holds the run
 
 
 def finetune(args):
-    """Every run of --lang × --lr × --seed not in OUT/results.jsonl; those other processes hold, last."""
+    """Every run of --lang × --lr × --seed not in OUT/results.jsonl, each claimed before it starts: first
+    those no other process holds, then, waiting for their claims, those it held (a dead one's are redone)."""
     if args.live_trunk and args.method not in STORED_FEATURES:
         raise KygError(f"--live-trunk is for head and adapter tuning: {args.method} always runs the encoder")
     priming = M.read_priming(args.init) if args.init else None
     if priming and os.path.normpath(priming["model"]) != os.path.normpath(args.model):
         raise KygError(f"{args.init} was primed from {priming['model']!r}, not from --model {args.model!r}; "
                        f"pass --model {priming['model']}")
+    device = device_of(args)
     os.makedirs(args.out, exist_ok=True)
-    configs = [run_config(args, priming, lang, lr, seed) for lang in args.lang
+    configs = [run_config(args, priming, device, lang, lr, seed) for lang in args.lang
                for lr in args.lr or [FINETUNE_LR[args.method]] for seed in args.seed]
-    for wait in (False, True):  # first every run no other process holds, then wait for those
-        configs = [c for lang in args.lang for c in tune_language(args, priming, [
-            c for c in configs if c["lang"] == lang], wait)]
+    # A language's encoder, data and stored features are made for its first run, then kept while its runs last.
+    prepared = functools.lru_cache(maxsize=1)(lambda lang: prepare_language(args, lang, device))
+    for wait in (False, True):
+        held = []
+        for config in configs:
+            name = run_name(config, priming)
+            with report.lock(os.path.join(args.out, "claims", f"{name}.lock"), wait) as mine:  # the run's claim
+                if not mine:
+                    held.append(config)
+                elif recorded(args.out, config):
+                    print(f"kyg: {name}: already in {args.out}/results.jsonl, skipped")
+                else:
+                    fine_tune(args, priming, config, name, prepared(config["lang"]), device)
+        configs = held
 
 
-def tune_language(args, priming, configs, wait):
-    """Run each of one language's unrecorded `configs` this process can claim; return those it cannot."""
-    held, prepared = [], None
-    for config in configs:
-        name = run_name(config, priming)
-        with report.lock(os.path.join(args.out, "claims", f"{name}.lock"), wait) as mine:  # the run's claim
-            if not mine:
-                held.append(config)
-            elif recorded(args.out, config):
-                print(f"kyg: {name}: already in {args.out}/results.jsonl, skipped")
-            else:
-                prepared = prepared or prepare_language(args, priming, config["lang"])
-                fine_tune(args, priming, config, name, *prepared)
-    return held
-
-
-def tagger(args, priming, lang):
-    """(model, tokenizer) for `lang`: the primed model of --init (θp, and θa where it fits), or --model."""
-    model, tokenizer = M.load(args.init or args.model, [lang], pe_method_of(args.method, priming), args.bottleneck)
-    if priming:
-        M.load_primed(model, priming, args.init)
-    return model, tokenizer
-
-
-def prepare_language(args, priming, lang):
-    """What a language's runs share: (train, dev, test), each ([examples], f's eval-mode output on
-    each, [T_i, H], for the methods that leave f(x; θp) alone, else None): exact but for f's dropout."""
-    model, tokenizer = tagger(args, priming, lang)
+def prepare_language(args, lang, device):
+    """A Language: f (θp, primed with --init) and its tokenizer, loaded once, and the train, dev and
+    test Splits; for the methods that leave f alone, with f's eval-mode output on each sentence
+    (train's not with --live-trunk): exact but for f's dropout."""
+    encoder, tokenizer = M.load_encoder(args.init or args.model)
     split = lambda name, cap: encode(load_split(lang, name, args.data_dir, cap), tokenizer, args.max_length)
-    train, dev, test = (split("train", args.max_train), split("dev", args.max_dev or args.max_eval),
-                        split("test", args.max_eval))
+    splits = {"train": split("train", args.max_train), "dev": split("dev", args.max_dev or args.max_eval),
+              "test": split("test", args.max_eval)}
     if args.method not in STORED_FEATURES:
-        return (train, None), (dev, None), (test, None)
-    device = setup(args, 0)
-    model.to(device).eval()
+        return Language(encoder, tokenizer, *(Split(examples, None) for examples in splits.values()))
+    trunk = M.Tagger(encoder, [], pe_method=None).to(device).eval()  # f alone
+    trunk.bf16 = args.bf16
     to_device = to_device_fn(tokenizer, device)
 
     def features(examples):
         stored = [None] * len(examples)
         with torch.no_grad():
             for chunk in batches(examples, 2 * args.batch_size):
-                batch = to_device([examples[i] for i in chunk])
-                hidden = model.encode(batch["input_ids"], batch["attention_mask"])
+                batch = to_device([examples[i] for i in chunk], ("input_ids", "attention_mask"))
+                hidden = trunk.encode(batch["input_ids"], batch["attention_mask"])
                 for row, i in enumerate(chunk):
                     stored[i] = hidden[row, :len(examples[i].input_ids)].clone()
         return stored
-    return (train, None if args.live_trunk else features(train)), (dev, features(dev)), (test, features(test))
+    stored = [Split(examples, None if name == "train" and args.live_trunk else features(examples))
+              for name, examples in splits.items()]
+    encoder.to("cpu")  # each run tunes a copy of f, made from here
+    return Language(encoder, tokenizer, *stored)
+
+
+def tagger(args, priming, encoder, lang):
+    """A run's model: θa and θh fresh around a copy of f as loaded (θp), with the primed θa of --init where
+    it fits; what loading afresh gives, as loading draws nothing from the RNG (model.load_encoder)."""
+    model = M.Tagger(copy.deepcopy(encoder), [lang], pe_method_of(args.method, priming), args.bottleneck)
+    if priming:
+        M.load_primed(model, priming, args.init)
+    model.bf16 = args.bf16
+    return model
 
 
 def logits_of(model, lang, split, chunk, to_device):
-    """(logits [B, T, C], labels [B, T]) of the sentences `chunk` of a split, from its stored features if any."""
-    examples, features = split
-    batch = to_device([examples[i] for i in chunk])
-    if features is None:
+    """(logits [B, T, C], labels [B, T]) of the sentences `chunk` of a Split, from its stored features if any."""
+    examples = [split.examples[i] for i in chunk]
+    if split.features is None:
+        batch = to_device(examples)
         return model(lang, batch["input_ids"], batch["attention_mask"]), batch["labels"]
-    return model(lang, hidden=pad_sequence([features[i] for i in chunk], batch_first=True)), batch["labels"]
+    hidden = pad_sequence([split.features[i] for i in chunk], batch_first=True)
+    return model(lang, hidden=hidden), to_device(examples, ("labels",))["labels"]
 
 
 def score(model, lang, split, to_device, batch_size):
-    """Entity-level F1 of the model's tags for a split, in eval mode."""
+    """Entity-level F1 of the model's tags for a Split, in eval mode."""
     model.eval()
     gold, predicted = [], []
     with torch.no_grad():
-        for chunk in batches(split[0], 2 * batch_size):
-            logits = logits_of(model, lang, split, chunk, to_device)[0].float().cpu()
-            gold += [[LABELS[t] for t in split[0][i].tags] for i in chunk]
-            predicted += [word_tags(split[0][i], logits[row]) for row, i in enumerate(chunk)]
+        for chunk in batches(split.examples, 2 * batch_size):
+            best = logits_of(model, lang, split, chunk, to_device)[0].argmax(-1).cpu()  # [B, T]: one copy a batch
+            gold += [[LABELS[t] for t in split.examples[i].tags] for i in chunk]
+            predicted += [word_tags(split.examples[i], best[row]) for row, i in enumerate(chunk)]
     return f1(gold, predicted)
 
 
-def fine_tune(args, priming, config, name, train, dev, test):
+def fine_tune(args, priming, config, name, language, device):
     """One run: tune, keep the epoch with the best dev F1, score it on test, append the record."""
     lang, lr, seed = config["lang"], config["lr"], config["seed"]
-    device = setup(args, seed)
-    model, tokenizer = tagger(args, priming, lang)
-    groups = TRAINED.get(args.method, ("pe", "head"))
-    trainable = M.named_params(model.to(device).requires_grad_(False), *groups)
+    seed_everything(seed)
+    model = tagger(args, priming, language.encoder, lang)
+    for part in [model] if language.train.features is None else [model.adapter, model.heads]:  # f runs, or not
+        part.to(device)
+    trainable = M.named_params(model.requires_grad_(False), *TRAINED.get(args.method, ("pe", "head")))
     for p in trainable.values():
         p.requires_grad_()
     trained, total = sum(p.numel() for p in trainable.values()), sum(p.numel() for p in model.parameters())
     print(f"kyg: {args.method} fine-tuning updates {trained:,} of {total:,} parameters ({100 * trained / total:.3g}%)")
-    to_device = to_device_fn(tokenizer, device)
+    to_device = to_device_fn(language.tokenizer, device)
     optimizer = torch.optim.AdamW(trainable.values(), lr=lr, fused=device.type == "cuda")
-    steps = args.epochs * math.ceil(len(train[0]) / args.batch_size)
+    steps = args.epochs * math.ceil(len(language.train.examples) / args.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # a linear decay to 0, or constant
         optimizer, lambda step: 1 - step / steps if config["schedule"] == "linear" else 1.0)
     rng = random.Random(seed)
@@ -429,22 +494,23 @@ def fine_tune(args, priming, config, name, train, dev, test):
     bar = progress(total=steps, desc=name, unit="step")
     for epoch in range(1, args.epochs + 1):
         model.train()
-        for chunk in batches(train[0], args.batch_size, rng):
-            loss = M.token_loss(*logits_of(model, lang, train, chunk, to_device))
+        for chunk in batches(language.train.examples, args.batch_size, rng):
+            loss = M.token_loss(*logits_of(model, lang, language.train, chunk, to_device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if redraws_next(bar):
+                bar.set_postfix(loss=f"{loss.item():.3f}", best_dev=f"{best[0]:.1f}", refresh=False)
             bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}", best_dev=f"{best[0]:.1f}", refresh=False)
-        dev_by_epoch.append(score(model, lang, dev, to_device, args.batch_size))
+        dev_by_epoch.append(score(model, lang, language.dev, to_device, args.batch_size))
         if dev_by_epoch[-1] > best[0]:
             state = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
             best = (dev_by_epoch[-1], epoch, state)
     bar.close()
     dev_f1, best_epoch, state = best
     model.load_state_dict(state, strict=False)
-    test_f1 = score(model, lang, test, to_device, args.batch_size)
+    test_f1 = score(model, lang, language.test, to_device, args.batch_size)
     weights = None if args.no_save else os.path.join("weights", f"{name}.safetensors")
     if weights:
         M.save_tensors(state, os.path.join(args.out, weights), {"method": args.method, "lang": lang, "init": args.init})
@@ -455,7 +521,8 @@ def fine_tune(args, priming, config, name, train, dev, test):
         "dev_f1_by_epoch": [round(x, 2) for x in dev_by_epoch],
         "trainable_params": trained, "total_params": total, "trainable_fraction": trained / total,
         "saved_bytes": saved_bytes, "weights": weights, "seconds": round(time.time() - started, 1),
-        "device": str(device), "train_sentences": len(train[0]), "config": config, "priming_config": priming})
+        "device": str(device), "train_sentences": len(language.train.examples), "config": config,
+        "priming_config": priming})
     print(f"kyg: {name}: dev F1 {dev_f1:.2f} (epoch {best_epoch}), test F1 {test_f1:.2f}, "
           f"{saved_bytes / 2**20:.2f} MiB of weights to store -> {args.out}/results.jsonl")
 

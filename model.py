@@ -67,6 +67,8 @@ PE_METHODS = ("adapter", "lora", "bitfit")
 
 
 class Tagger(nn.Module):
+    bf16 = False  # kyg.py's --bf16: f's forward in bfloat16 (Tagger.encode)
+
     def __init__(self, encoder, languages, pe_method="adapter", bottleneck=64):
         super().__init__()
         hidden = encoder.config.hidden_size
@@ -86,8 +88,11 @@ class Tagger(nn.Module):
             nn.init.zeros_(head.bias)
 
     def encode(self, input_ids, attention_mask):
-        """f(x; θp): LongTensors [B, T] -> hidden states [B, T, H]."""
-        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        """f(x; θp): LongTensors [B, T] -> hidden states [B, T, H]; with `bf16`, f runs under bfloat16
+        autocast and what it returns is cast back to fp32, so that g, h and every loss stay fp32."""
+        with torch.autocast(input_ids.device.type, torch.bfloat16, enabled=self.bf16):
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return hidden.float() if self.bf16 else hidden
 
     def forward(self, lang, input_ids=None, attention_mask=None, hidden=None):
         """Logits [B, T, len(LABELS)] from `lang`'s head; `hidden`, f's output [B, T, H], skips f."""
@@ -129,6 +134,14 @@ def token_loss(logits, labels):
 
 def load(model_name, languages, pe_method="adapter", bottleneck=64):
     """(Tagger, tokenizer) for a hub name or a local directory; errors say what is missing."""
+    encoder, tokenizer = load_encoder(model_name)
+    return Tagger(encoder, languages, pe_method, bottleneck), tokenizer
+
+
+def load_encoder(model_name):
+    """(f, tokenizer) for a hub name or a local directory. Loading draws nothing from torch's global
+    RNG (weights the checkpoint lacks, such as an unused pooler, start from a forked one), so that a
+    copy of f kept in memory starts a run exactly as f loaded afresh would (kyg.py loads it once)."""
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()  # the unused pooler's "newly initialised" warning is noise here
@@ -149,12 +162,13 @@ def load(model_name, languages, pe_method="adapter", bottleneck=64):
         raise KygError(f"{where} has no tokenizer (no vocabulary found); save one beside the weights "
                        f"(tokenizer.save_pretrained) or pass another --model")
     try:
-        encoder = AutoModel.from_pretrained(model_name)
+        with torch.random.fork_rng(devices=[]):
+            encoder = AutoModel.from_pretrained(model_name)
     except (OSError, ValueError, SafetensorError) as e:
         raise KygError(f"cannot load the encoder of {where} ({why(e)}); " + (
             "its config.json and weights are missing or damaged: make it again" if local else "pass another --model"))
     encoder.pooler = None  # token classification never reads it: θp is what is trained
-    return Tagger(encoder, languages, pe_method, bottleneck), tokenizer
+    return encoder, tokenizer
 
 
 # ----------------------------------------------------------------------------- files

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-RESULTS_FORMAT = 2  # of each line of results.jsonl; 2: `init` names a primed model directory
+RESULTS_FORMAT = 3  # of each line of results.jsonl; 3: a run's config holds its device and precision
 
 
 class KygError(Exception):

@@ -84,7 +84,7 @@ def test_truncation_cuts_the_input_but_every_gold_word_is_scored(tagger):
     assert ex.word_positions[:3] == [1, 3, 5] and ex.word_positions[3:] == [-1] * 8
     logits = torch.zeros(8, len(D.LABELS))
     logits[:, D.LABEL_ID["B-PER"]] = 1.0
-    predicted = D.word_tags(ex, logits)
+    predicted = D.word_tags(ex, logits.argmax(-1))
     assert predicted == ["B-PER"] * 3 + ["O"] * 8  # unseen words are O, never dropped
     gold = [D.LABELS[t] for t in tags]
     assert D.f1([gold], [predicted]) == pytest.approx(100 * 2 * (3 / 3) * (3 / 11) / (1 + 3 / 11))
@@ -701,9 +701,9 @@ def test_a_primed_model_is_a_hugging_face_directory_holding_the_primed_weights(t
               "--out", str(tmp_path / "m")])
     primed = AutoModel.from_pretrained(str(tmp_path / "m")).state_dict()  # any library can load θp
     plain = AutoModel.from_pretrained(tiny["model"]).state_dict()
-    fresh, _ = kyg.tagger(kyg.parser().parse_args(["finetune", "--method", "adapter", "--lang", "hi", "--out", "r",
-                                                    "--model", tiny["model"], "--init", str(tmp_path / "m")]),
-                          M.read_priming(str(tmp_path / "m")), "hi")
+    fresh = kyg.tagger(kyg.parser().parse_args(["finetune", "--method", "adapter", "--lang", "hi", "--out", "r",
+                                                 "--model", tiny["model"], "--init", str(tmp_path / "m")]),
+                       M.read_priming(str(tmp_path / "m")), M.load_encoder(str(tmp_path / "m"))[0], "hi")
     for name, value in fresh.encoder.state_dict().items():
         assert torch.equal(primed[name], value), name
     assert any(not torch.equal(plain[n], v) for n, v in fresh.encoder.state_dict().items())  # priming moved θp
@@ -875,7 +875,7 @@ def bad_input(tiny, tmp_path, case):
         "zero priming steps": (["prime", "--method", "meta", "--steps", "0", "--out", str(tmp_path / "p"), *common],
                                "argument --steps: must be above 0"),
         "a malformed results line": (tune, "results.jsonl, line 1, is not a JSON record"),
-        "a results file of another format": (["table", str(tmp_path / "r")], "is not a kyg result of format 2"),
+        "a results file of another format": (["table", str(tmp_path / "r")], "is not a kyg result of format 3"),
         "a directory primed by an older kyg": (tune + ["--init", str(tmp_path / "m")], "primed by an older kyg"),
         "a device this machine lacks": (tune + ["--device", "cuda:7"], "--device cuda:7 is not available here"),
         "a device that does not exist": (tune + ["--device", "tpu"], "--device tpu is not available here"),
