@@ -3,11 +3,13 @@
     python bench.py                      # mBERT-shaped encoder, random weights, batch 32 (no hub needed)
     python bench.py --small --repeats 3  # a tiny config that runs on a CPU in seconds (the tests use it)
     python bench.py --model DIR --data-dir ../shared/data/wikiann   # another encoder, real sentences
+    python bench.py --bf16               # the encoder's forward under bfloat16 autocast (kyg.py --bf16)
 
 Medians of repeats, all in one process on one device, so that ratios hold on a noisy machine: a
 fine-tuning step of the whole model (the unit), the encoder's forward, meta-steps (2 tasks, S = 5)
 of Algorithm 1 with the trunk once ("cached") or line by line ("full"), of the MAML loop, and of
-the exact meta-gradient ("2nd"). Peak memory on CUDA only.
+the exact meta-gradient ("2nd"). Peak memory on CUDA only, each case's own: each case has its own
+optimizer, whose state is freed before the next case.
 """
 import argparse
 import statistics
@@ -50,9 +52,10 @@ def measure(fn, device, repeats):
     """(median seconds, peak bytes or None) of fn() after one warm-up call."""
     cuda = device.type == "cuda"
     done = torch.cuda.synchronize if cuda else lambda: None  # CUDA runs asynchronously: wait for it
-    fn(), done()
     if cuda:
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # from before the warm-up: it makes the optimizer's state
+    fn(), done()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -65,37 +68,40 @@ def run(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
     model = Tagger(encoder_of(args), ["en", "es"]).to(device).train()
+    model.bf16 = args.bf16
     rng = torch.Generator().manual_seed(0)
     pool = sentences(args, model.encoder.config.vocab_size, 4 * args.batch_size, rng)
     batches = [{k: v.to(device) for k, v in collate(pool[i:i + args.batch_size], pad_id=0).items()}
                for i in range(0, len(pool), args.batch_size)]
     tasks = [("en", batches[0], batches[1]), ("es", batches[2], batches[3])]
-    one_cycle = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    fused = device.type == "cuda"
+    adamw = lambda params: torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
 
-    everything = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
+    def ft_step():  # a case: (make its optimizer) -> the step to time
+        everything = adamw(model.parameters())
 
-    def ft_step():
-        everything.zero_grad(set_to_none=True)
-        token_loss(model("en", batches[0]["input_ids"], batches[0]["attention_mask"]), batches[0]["labels"]).backward()
-        everything.step()
+        def step():
+            everything.zero_grad(set_to_none=True)
+            token_loss(model("en", batches[0]["input_ids"], batches[0]["attention_mask"]), batches[0]["labels"]).backward()
+            everything.step()
+        return step
 
     def forward():
         with torch.no_grad():
             model.encode(batches[0]["input_ids"], batches[0]["attention_mask"])
 
-    meta_opt = torch.optim.AdamW(named_params(model, "pretrained", "pe").values(), lr=1e-5, fused=fused)
-    meta_sched = one_cycle(meta_opt)
-    step = lambda variant, cache, lr, second_order=False: lambda: meta.meta_step(
-        model, meta_opt, meta_sched, tasks, meta.InnerLoop(variant, 5, lr, second_order, cache))
-    cases = {"ft step": ft_step, "forward": forward, "meta cached": step("meta", True, 0.03),
-             "meta full": step("meta", False, 0.03), "maml": step("maml", False, 1e-4),
-             "2nd cached": step("meta", True, 0.03, True), "2nd full": step("meta", False, 0.03, True)}
+    def meta_step(variant, cache, lr, second_order=False):
+        optimizer = adamw(named_params(model, "pretrained", "pe").values())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        return lambda: meta.meta_step(model, optimizer, scheduler, tasks,
+                                      meta.InnerLoop(variant, 5, lr, second_order, cache))
+    cases = {"ft step": ft_step, "forward": lambda: forward, "meta cached": lambda: meta_step("meta", True, 0.03),
+             "meta full": lambda: meta_step("meta", False, 0.03), "maml": lambda: meta_step("maml", False, 1e-4),
+             "2nd cached": lambda: meta_step("meta", True, 0.03, True),
+             "2nd full": lambda: meta_step("meta", False, 0.03, True)}
     results = {}
-    for name, fn in cases.items():
-        results[name] = measure(fn, device, args.repeats)
-        everything.zero_grad(set_to_none=True)
-        meta_opt.zero_grad(set_to_none=True)
+    for name, make in cases.items():
+        results[name] = measure(make(), device, args.repeats)  # the case's optimizer goes with it
+        model.zero_grad(set_to_none=True)
     return device, model, results
 
 
@@ -104,7 +110,8 @@ def report(args, device, model, results):
     lines = [f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
                                     f" ({torch.get_num_threads()} threads)"),
              f"encoder {'small' if args.small else args.model or 'mBERT-shaped'}, {n_params / 1e6:.1f}M parameters, "
-             f"batch {args.batch_size}, {'real' if args.data_dir else 'random'} sentences, median of {args.repeats}",
+             f"batch {args.batch_size}, {'real' if args.data_dir else 'random'} sentences, median of {args.repeats}, "
+             f"encoder forward in {'bf16' if args.bf16 else 'fp32'}",
              ""]
     for name, (seconds, peak) in results.items():
         lines.append(f"{name:12s} {seconds * 1000:9.1f} ms" + (f"   peak {peak / 2**30:6.2f} GiB" if peak else ""))
@@ -131,6 +138,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device")
+    p.add_argument("--bf16", action="store_true", help="the encoder's forward under bfloat16 autocast, as kyg.py --bf16")
     args = p.parse_args(argv)
     print(text := report(args, *run(args)))
     return text

@@ -33,7 +33,7 @@ import report
 from data import LABELS, TINY_SYLLABLES, TaskSampler, batches, collate, encode, f1, load_split, word_tags
 from data import write_tiny_data
 from meta import InnerLoop, prime as priming_steps, priming_optimizer
-from report import KygError
+from report import KygError, priming_label
 
 # ---- defaults: the paper's where it gives them (§4.1, §4.2, §5.1), ours otherwise (README)
 MODEL = "bert-base-multilingual-cased"  # §4.2
@@ -195,16 +195,6 @@ def redraws_next(bar):
     """Whether bar.update() will redraw the bar: only then is a loss worth reading off the device,
     which waits for it (a sync) and so stalls the queue of work."""
     return bar.n + 1 - bar.last_print_n >= bar.miniters and time.time() - bar.last_print_t >= bar.mininterval
-
-
-def priming_label(priming):
-    """How a model was primed, as report.ROWS names it: none, meta, ft or maml; -lora or -bitfit; -S<n>
-    when S was not the paper's 5 (row 7); -head<lr> (row 5b); -2nd. From the record alone, so that a
-    change of kyg's defaults never relabels a priming."""
-    return "none" if priming is None else "".join([
-        priming["method"], f"-{priming['pe']}" if priming["pe"] != "adapter" else "",
-        f"-S{priming['inner_steps']}" if priming.get("inner_steps", 5) != 5 else "",  # ft has no inner loop
-        f"-head{priming['head_lr']:g}" if priming.get("head_lr") else "", "-2nd" if priming.get("second_order") else ""])
 
 
 def same_settings(saved, settings, what):

@@ -10,6 +10,7 @@ the paper claims, and `table`. Imports no torch.
 """
 import json
 import os
+import re
 import statistics
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,6 +117,56 @@ ORDERINGS.update({f"{own}→{m} > {other}→{m}": ((own, m), (other, m)) for m, 
                   if other != own and (m != "adapter" or other.startswith("meta-"))})
 
 
+# What a priming's record holds besides its outcome (kyg.priming_settings): runs after primings that
+# differ in any of these, but the seed and the device, are not one recipe.
+# A priming's label, as the table names it, is its method (meta, ft, maml; "none": no priming) and a
+# part for each setting away from its default; run.sh primes a label with the flags that this table
+# gives it. (setting, default, label part, that part as a pattern, the `kyg.py prime` flag)
+PRIMING_LABEL = (("pe", "adapter", "-{}", r"-(lora|bitfit)", "--pe"),                  # LoRA's or BitFit's θa
+                 ("inner_steps", 5, "-S{}", r"-S(\d+)", "--inner-steps"),              # row 7: S = 1
+                 ("head_lr", None, "-head{:g}", r"-head([\d.e+-]+?)", "--head-lr"),    # row 5b
+                 ("second_order", False, "-2nd", r"(-2nd)", "--second-order"))         # the exact meta-gradient
+
+
+def priming_label(priming):
+    """The label of a priming's record (None: no priming), from the record alone, so that a change of
+    kyg's defaults never relabels a priming."""
+    return "none" if priming is None else priming["method"] + "".join(
+        part.format(priming[key]) for key, default, part, _, _ in PRIMING_LABEL if priming.get(key, default) != default)
+
+
+def priming_flags(label):
+    """The `kyg.py prime` flags of the priming a label names: 'meta-S1-2nd' -> --method meta --inner-steps 1
+    --second-order."""
+    match = re.fullmatch("(meta|ft|maml)" + "".join(f"(?:{pattern})?" for *_, pattern, _ in PRIMING_LABEL), label)
+    if not match:
+        raise KygError(f"{label!r} is not a priming label: meta, ft or maml, then any of -lora or -bitfit, "
+                       f"-S<inner steps>, -head<rate>, -2nd, in that order")
+    flags = ["--method", match[1]]
+    for (_, default, _, _, flag), value in zip(PRIMING_LABEL, match.groups()[1:]):
+        flags += [] if value is None else [flag] if default is False else [flag, value]
+    return flags
+
+
+PRIMING_SETTINGS = ("method", "pe", "model", "data_dir", "source", "steps", "meta_lr", "support_size", "query_size",
+                    "max_train", "max_length", "head_lr", "inner_steps", "inner_lr", "second_order", "bottleneck",
+                    "adapter_init", "precision")
+
+
+def one_recipe(directory, cell, records):
+    """A KygError naming the first setting in which the runs of one cell differ, but the seed, the rate
+    (chosen on dev), the primed directory (a priming seed's) and the device (the cell says so). A setting
+    only one of two records holds is not compared: an older kyg did not have it."""
+    recipe = lambda r: {**{k: v for k, v in (r.get("config") or {}).items() if k not in ("seed", "lr", "init", "device")},
+                        **{f"priming's {k}": v for k, v in (r.get("priming_config") or {}).items() if k in PRIMING_SETTINGS}}
+    first = recipe(records[0])
+    for r in records[1:]:
+        for key in sorted(first.keys() & recipe(r).keys()):
+            if first[key] != recipe(r)[key]:
+                raise KygError(f"{directory}/results.jsonl pools runs of {cell} that differ in {key} ({first[key]}, "
+                               f"{recipe(r)[key]}); tune each recipe into its own --out")
+
+
 def markdown(header, rows):
     """A Markdown table: the header's cells, then one line of cells per row."""
     line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"
@@ -131,14 +182,19 @@ def table(directory):
     runs = {}  # (priming, method, lang) -> {lr: [record]}; with several rates, dev F1 picks one
     for r in results:
         runs.setdefault((r["priming"], r["method"], r["lang"]), {}).setdefault(r.get("lr"), []).append(r)
+    for (priming, method, lang), by_lr in runs.items():
+        one_recipe(directory, f"{priming} → {method} on {lang}", [r for records in by_lr.values() for r in records])
     best_lr = {key: max(by_lr, key=lambda lr: statistics.mean(r.get("dev_f1", 0) for r in by_lr[lr]))
                for key, by_lr in runs.items()}
     chosen = {key: runs[key][lr] for key, lr in best_lr.items()}
     scores = {key: [r["test_f1"] for r in records] for key, records in chosen.items()}
     langs = [l for l in TARGET_LANGS if any(k[2] == l for k in scores)] + \
         sorted({k[2] for k in scores} - set(TARGET_LANGS))
+    devices = {key: "+".join(sorted({(r.get("config") or {}).get("device", "cpu") for r in records}))
+               for key, records in chosen.items()}  # a cell of runs on several devices says so
     stat = lambda key: (statistics.mean(scores[key]), statistics.stdev(scores[key]) if len(scores[key]) > 1 else 0.0,
-                        len(scores[key])) if key in scores else None
+                        len(scores[key]) if "+" not in devices[key] else f"{len(scores[key])}: {devices[key]}") \
+        if key in scores else None
     cell = lambda s: "–" if not s else f"{s[0]:.2f} ({s[2]})" if s[2] == 1 else f"{s[0]:.2f} ± {s[1]:.2f} ({s[2]})"
 
     rows = []

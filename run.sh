@@ -25,6 +25,8 @@
 #   KYG_MODEL        hub name or local model directory   [bert-base-multilingual-cased]
 #   KYG_DATA_DIR     local WikiAnn, {lang}/{train,dev,test}.tsv   [the hub]
 #   KYG_DEVICE       cuda or cpu                          [cuda when present]
+#   KYG_BF16         1: the encoder's forward in bfloat16 (kyg.py --bf16; fp32 losses and optimizer)   [0]
+#   KYG_TF32         1: on CUDA, fp32 matrix products in TF32 (kyg.py --tf32)   [0]
 #   KYG_ROWS         what to run: 1-7, 5b, 4-2nd, 7-2nd, fig3-meta, fig3-maml, or any PRIMING:METHOD
 #                    (a priming label as the table names it, e.g. meta-lora:bitfit)   [all]
 #   KYG_SEEDS        fine-tuning seeds                    [1 2 3]
@@ -40,8 +42,12 @@
 #   KYG_LIVE_TRUNK   1: head and adapter tuning run the frozen encoder at every step (kyg.py
 #                    finetune --live-trunk) instead of training on its features computed once   [0]
 #
-# Time: the full run with mBERT on one GPU has not been measured yet (no GPU was lent to the
-# sessions that wrote this); see README.md, "Performance", for what has been measured.
+# Time, an estimate: about 1.3 hours on one H100 in fp32, not measured end to end. Its arithmetic
+# (README.md, "Time on a GPU"): per-step times measured on an H100 with mBERT-shaped batches of
+# 32 x 48 tokens (forward 9.7 ms, full fine-tuning step 34.4 ms, cached meta-step 114 ms) times
+# the steps of each row: 3 rows of full fine-tuning (1 and Figure 3's two) x 30,510 steps 52 min,
+# their dev and test passes 9 min, the encoder's features for the 9 head and adapter rows 6 min,
+# 7 primings of 312 steps about 6 min, and the head and adapter updates on stored features.
 #
 # Resumable: primed models and results are written atomically, and a rerun skips every finished
 # priming and every fine-tuning run already in OUT/results.jsonl; a priming that was stopped
@@ -84,6 +90,8 @@ esac
 COMMON=(--model "${KYG_MODEL:-bert-base-multilingual-cased}")
 [[ -n "${KYG_DATA_DIR:-}" ]] && COMMON+=(--data-dir "$KYG_DATA_DIR")
 [[ -n "${KYG_DEVICE:-}" ]] && COMMON+=(--device "$KYG_DEVICE")
+[[ "${KYG_BF16:-0}" == 1 ]] && COMMON+=(--bf16)
+[[ "${KYG_TF32:-0}" == 1 ]] && COMMON+=(--tf32)
 [[ -n "${KYG_MAX_TRAIN:-}" ]] && COMMON+=(--max-train "$KYG_MAX_TRAIN")
 PRIME=("${SMOKE[@]}")
 [[ -n "${KYG_PRIME_STEPS:-}" ]] && PRIME+=(--steps "$KYG_PRIME_STEPS")
@@ -97,14 +105,13 @@ while read -r row priming method; do ROW[$row]="$priming $method"; done < <(pyth
 for row, (priming, method, _) in report.ROWS.items(): print(row, priming, method)')
 
 prime() {  # prime LABEL SEED -> the primed model directory, primed first unless it is finished
-    local dir=$OUT/primed/$1 flags=()
+    local dir=$OUT/primed/$1 flags
     [[ $2 != 1 ]] && dir+=-seed$2
-    [[ $1 == *-lora* ]] && flags+=(--pe lora)                      # the label says how: LoRA's or
-    [[ $1 == *-bitfit* ]] && flags+=(--pe bitfit)                  # BitFit's inner loop,
-    [[ $1 == *-S1* ]] && flags+=(--inner-steps 1)                  # S = 1 (row 7),
-    [[ $1 == *-head* ]] && flags+=(--head-lr "${1#*-head}")        # FT priming's head rate,
-    [[ $1 == *-2nd ]] && flags+=(--second-order)                   # the exact meta-gradient
-    python kyg.py prime --method "${1%%-*}" --seed "$2" "${flags[@]}" "${PRIME[@]}" "${COMMON[@]}" --out "$dir" >&2
+    flags=$(python -c 'import report, sys
+try: print(*report.priming_flags(sys.argv[1]))  # what the label says, as report.PRIMING_LABEL maps it
+except report.KygError as e: sys.exit(f"run.sh: {e}")' "$1") || exit 2
+    # shellcheck disable=SC2086
+    python kyg.py prime $flags --seed "$2" "${PRIME[@]}" "${COMMON[@]}" --out "$dir" >&2
     echo "$dir"
 }
 

@@ -18,7 +18,12 @@ import sys
 import time
 
 import pytest
-import torch
+
+# Every test runs on the CPU, and so do the kyg.py processes the tests start: the properties below are
+# exact equalities (a resumed priming bit-identical, a seed's result the same alone or after others),
+# which PyTorch promises on a CPU and not on CUDA by default. `bash run.sh smoke` checks CUDA end to end.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+import torch  # noqa: E402  (after hiding CUDA)
 
 import data as D
 import kyg
@@ -661,7 +666,7 @@ def test_fine_tuning_priming_can_give_the_heads_their_own_learning_rate(tagger):
     by_lr = {group["lr"]: {M.group_of(n) for n, p in model.named_parameters()
                            if any(p is q for q in group["params"])} for group in optimizer.param_groups}
     assert by_lr == {5e-5: {"pretrained", "pe"}, 1e-3: {"head"}}
-    assert kyg.priming_label({"method": "ft", "pe": "adapter", "head_lr": 1e-3}) == "ft-head0.001"
+    assert report.priming_label({"method": "ft", "pe": "adapter", "head_lr": 1e-3}) == "ft-head0.001"
 
 
 WITHOUT_FCNTL = "import sys\nsys.modules['fcntl'] = None  # as on Windows: no Unix locks\n"
@@ -988,3 +993,122 @@ def test_training_on_stored_trunk_features_is_exact_without_dropout(tiny, tmp_pa
     assert (stored["dev_f1"], stored["test_f1"]) == (live["dev_f1"], live["test_f1"])
     for name in from_stored:
         torch.testing.assert_close(from_stored[name], from_live[name], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- devices and precision
+
+def test_a_run_starts_from_the_in_memory_encoder_exactly_as_from_a_fresh_load(tiny, tmp_path):
+    """kyg.py loads f once per language and tunes a copy per run: after the same seed, the copy's model
+    is the freshly loaded one, θa and θh included, even for a checkpoint that lacks weights (the pooler
+    here), which transformers initialises at random: loading must draw nothing from the global RNG."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(tiny["model"], tmp_path / "m")
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    save_file({n: w for n, w in weights.items() if not n.startswith("pooler.")}, tmp_path / "m" / "model.safetensors",
+              {"format": "pt"})
+    args = kyg.parser().parse_args(["finetune", "--method", "adapter", "--lang", "hi", "--out", "r",
+                                    "--model", str(tmp_path / "m")])
+    kept, _ = M.load_encoder(str(tmp_path / "m"))
+    for seed in (1, 2):
+        kyg.seed_everything(seed)
+        copied = kyg.tagger(args, None, kept, "hi")
+        kyg.seed_everything(seed)
+        fresh, _ = M.load(str(tmp_path / "m"), ["hi"])
+        for (name, p), q in zip(copied.named_parameters(), fresh.parameters()):
+            assert torch.equal(p, q), name
+
+
+def cosine(a, b):
+    a, b = torch.cat([g.flatten() for g in a.values()]), torch.cat([b[n].flatten() for n in a])
+    return (a @ b / (a.norm() * b.norm())).item()
+
+
+def test_a_bf16_meta_gradient_agrees_with_fp32s(tagger, tiny):
+    """--bf16 autocasts only f's forward: the first-order meta-gradient of one meta-step (θp and θa, two
+    tasks, S = 5) points where fp32's does (cosine 1.0000 to four places, measured), and f returns fp32."""
+    model, tokenizer = tagger
+    tasks = two_tasks(tiny, tokenizer)
+    fp32 = meta_gradient(model, tasks, 5, second_order=False)
+    model.bf16 = True
+    bf16 = meta_gradient(model, tasks, 5, second_order=False)
+    batch = tasks[0][1]
+    assert model.encode(batch["input_ids"], batch["attention_mask"]).dtype == torch.float32
+    assert not all(torch.equal(fp32[n], bf16[n]) for n in fp32)  # bf16 did run
+    assert cosine(fp32, bf16) > 0.999, cosine(fp32, bf16)
+
+
+def test_a_bf16_priming_and_tuning_run_end_to_end_and_say_so(tiny, tmp_path):
+    common = ["--model", tiny["model"], "--data-dir", tiny["data"], "--bf16"]
+    kyg.main(["prime", "--method", "meta", "--source", "en", "--steps", "2", "--support-size", "8", "--query-size",
+              "8", "--out", str(tmp_path / "p"), *common])
+    assert M.read_priming(str(tmp_path / "p"))["precision"] == "bf16"
+    args = ["finetune", "--method", "adapter", "--lang", "hi", "--epochs", "1", "--no-save", "--out", str(tmp_path / "r")]
+    kyg.main(args + ["--init", str(tmp_path / "p"), *common])
+    kyg.main(args + common[:-1])  # fp32: another run, not one already done
+    assert [r["config"]["precision"] for r in report.read_results(str(tmp_path / "r"))] == ["bf16", "fp32"]
+    language = kyg.prepare_language(kyg.parser().parse_args(args + common), "hi", torch.device("cpu"))
+    assert {f.dtype for f in language.train.features} == {torch.float32}  # stored features stay fp32
+
+
+def test_a_priming_continues_only_on_the_device_it_ran_on(tiny, tmp_path):
+    """Its optimizer's and RNG's states belong to its device: elsewhere it is refused in one line."""
+    args = ["prime", "--method", "meta", "--steps", "1", "--support-size", "8", "--query-size", "8",
+            "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(tmp_path / "m")]
+    kyg.main(args)
+    record = tmp_path / "m" / M.PRIMING_RECORD
+    record.write_text(record.read_text(encoding="utf-8").replace('"device": "cpu"', '"device": "cuda"'))
+    with pytest.raises(SystemExit, match=r"kyg: error: \S+ was made with --device cuda, not cpu; rerun"):
+        kyg.main(args)
+
+
+def test_a_device_that_cannot_run_a_kernel_is_one_error_line(tiny, tmp_path, monkeypatch):
+    """As a torch built without kernels for a GPU would: refused before any work, naming the device."""
+    real_ones = torch.ones
+
+    def no_kernels(*size, device=None, **kwargs):
+        if device is not None:
+            raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+        return real_ones(*size, **kwargs)
+    monkeypatch.setattr(torch, "ones", no_kernels)
+    with pytest.raises(SystemExit, match=r"^kyg: error: --device cpu is not available here \(CUDA error: no kernel"):
+        kyg.main(["finetune", "--method", "adapter", "--lang", "hi", "--device", "cpu", "--out", str(tmp_path),
+                  "--model", tiny["model"], "--data-dir", tiny["data"]])
+
+
+def test_the_priming_rate_decays_linearly_to_zero(tagger):
+    """§4.2's linear schedule for β: the k-th of `steps` updates is at β (1 - k/steps), the last at β/steps."""
+    model, _ = tagger
+    optimizer, scheduler = meta.priming_optimizer(model, meta_lr=5e-5, steps=4)
+    used = []
+    for _ in range(4):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert used == pytest.approx([5e-5, 3.75e-5, 2.5e-5, 1.25e-5], abs=1e-12), used
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_cell_never_pools_runs_of_different_recipes_and_says_when_devices_differ(tmp_path):
+    """Runs that differ in anything but the seed, the rate and the device are refused in one line naming
+    the setting; a cell of CPU and CUDA runs says so."""
+    for seed, device in ((1, "cpu"), (2, "cuda")):
+        report.append_result(str(tmp_path / "a"), {"priming": "none", "method": "adapter", "lang": "hi", "seed": seed,
+                                                   "test_f1": 50.0 + seed, "config": {"epochs": 5, "device": device}})
+    kyg.main(["table", str(tmp_path / "a")])
+    assert "| 3/AT | 51.50 ± 0.71 (2: cpu+cuda) / 77.76 |" in (tmp_path / "a" / "table.md").read_text(encoding="utf-8")
+    for seed, epochs in ((1, 1), (2, 3)):
+        report.append_result(str(tmp_path / "b"), {"priming": "none", "method": "adapter", "lang": "hi", "seed": seed,
+                                                   "test_f1": 50.0, "config": {"epochs": epochs}})
+    with pytest.raises(SystemExit, match=r"^kyg: error: \S+ pools runs of none → adapter on hi that differ in epochs "
+                                         r"\(1, 3\); tune each recipe into its own --out$"):
+        kyg.main(["table", str(tmp_path / "b")])
+
+
+def test_run_sh_primes_with_the_flags_its_label_names():
+    assert report.priming_flags("meta-S1-2nd") == ["--method", "meta", "--inner-steps", "1", "--second-order"]
+    assert report.priming_flags("ft-bitfit-head0.001") == ["--method", "ft", "--pe", "bitfit", "--head-lr", "0.001"]
+    for priming in ({"method": "maml", "pe": "lora"}, {"method": "ft", "pe": "adapter", "head_lr": 1e-05},
+                    {"method": "meta", "pe": "adapter", "inner_steps": 3, "second_order": True}):
+        flags = report.priming_flags(report.priming_label(priming))
+        parsed = kyg.parser().parse_args(["prime", *flags, "--out", "p"])
+        assert all(getattr(parsed, key) == value for key, value in priming.items()), (priming, flags)
