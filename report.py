@@ -92,7 +92,8 @@ PAPER_TABLE1 = {  # entity-level F1, mBERT, priming on en + es
     "5": [79.55, 87.78, 82.28, 85.79, 86.56, 88.82], "6": [80.18, 85.82, 81.47, 85.73, 85.86, 88.13],
     "7": [80.23, 86.46, 80.35, 84.43, 86.14, 88.49]}
 # The claims, checked per language: claim -> (better row, worse row). Table 1's, then Figure 3's
-# (before full fine-tuning, a MAML inner loop beats the PE one, and either priming beats none).
+# (before full fine-tuning, a MAML inner loop beats the PE one, in all but lt and et in §5.1, and
+# either priming beats none), then kyg's: 4 > 5b and 4 > 7 with the exact meta-gradient.
 ORDERINGS = {**{f"{a} > {b}": (a, b) for a, b in [("4", "5"), ("4", "6"), ("4", "7"), ("4", "3"), ("3", "2")] +
                 [("1", row) for row in "234567"]},
              "maml→full > meta→full": ("fig3-maml", "fig3-meta"), "meta→full > none→full": ("fig3-meta", "1"),
@@ -102,16 +103,19 @@ ORDERINGS = {claim: (ROWS[a][:2], ROWS[b][:2]) for claim, (a, b) in ORDERINGS.it
 # second, Figure 4 beyond the adapter, only where LoRA or BitFit ran; its row "ft{pe}" is FT priming
 # of the column's θa (ft, ft-lora, ft-bitfit), the baseline each diagonal cell must beat.
 OWN_INNER_LOOP = {"adapter": "meta", "lora": "meta-lora", "bitfit": "meta-bitfit"}  # the diagonal
-MATRICES = {"figure4": ("Figure 4: average test F1 over the languages, priming × fine-tuning",
+MATRICES = {"figure4": ("Figure 4: average test F1 over the languages, priming × fine-tuning "
+                        "(the paper's is 2 × 2; the no-priming row is kyg's)",
                         ("meta", "maml", "none"), ("adapter", "full")),
-            "figure4-pe": ("Figure 4 beyond the adapter: priming with each PE method's inner loop × tuning with "
-                           "each, average test F1 over the languages; the diagonal is priming that knows where "
-                           "it is going", (*OWN_INNER_LOOP.values(), "ft{pe}", "none"), tuple(OWN_INNER_LOOP))}
+            "figure4-pe": ("Figure 4 beyond the adapter, kyg's extension: priming with each PE method's inner loop "
+                           "× tuning with each, average test F1 over the languages; the diagonal is priming that "
+                           "knows where it is going",
+                           (*OWN_INNER_LOOP.values(), "ft{pe}", "none"), tuple(OWN_INNER_LOOP))}
 PRIMING_NAMES = {"meta": "adapter inner loop (Alg. 1)", "maml": "MAML inner loop", "none": "no priming",
                  "meta-lora": "LoRA inner loop", "meta-bitfit": "BitFit inner loop", "ft{pe}": "FT priming, same θa"}
 in_column = lambda priming, method: priming.format(pe="" if method == "adapter" else f"-{method}")
-# Beyond the adapter: in each column, the method's own inner loop beats another's, FT priming of the
-# same θa, and none (the adapter's last two are 4 > 5 and 4 > 3).
+# Beyond the adapter, kyg's extrapolation of Figure 4 (§6 only expects priming to apply to other PE
+# methods): in each column, the method's own inner loop beats another's, FT priming of the same θa,
+# and none (the adapter's last two are 4 > 5 and 4 > 3).
 ORDERINGS.update({f"{own}→{m} > {other}→{m}": ((own, m), (other, m)) for m, own in OWN_INNER_LOOP.items()
                   for other in [in_column(row, m) for row in MATRICES["figure4-pe"][1]]
                   if other != own and (m != "adapter" or other.startswith("meta-"))})
@@ -250,8 +254,10 @@ def table(directory):
             cell(stat((p, "full", l))) for l in langs)] for p in figure3])
 
     out += ["\n## The paper's orderings, per language\n",
-            "Table 1's and Figure 3's; then, in the claims naming meta-lora or meta-bitfit, the one §6 expects "
-            "beyond the adapter: each PE method is primed best by its own inner loop. "
+            "Table 1's and Figure 3's (§5.1 itself finds maml→full > meta→full in all but lt and et); then kyg's "
+            "own: 4 > 5b, 4 > 7 [second order] and, in the claims naming meta-lora or meta-bitfit, Figure 4's "
+            "diagonal extended beyond the adapter, each PE method primed best by its own inner loop (§6 only "
+            "expects priming to apply to other PE methods). "
             "held: ours agree and the gap exceeds the larger seed std; tie: the gap is within it; "
             "not held: ours disagree by more than it; one seed: a side has a single run, so no spread to judge by.\n"]
     def verdict(a, b):  # (mean, std, n) of the better and the worse side
@@ -347,7 +353,8 @@ def plot(directory, scores, langs, matrices, lines):
                     ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2.5, ec="black"))
         ax.set_xticks(range(len(methods)), methods)
         ax.set_yticks(range(len(primings)), [PRIMING_NAMES.get(p, f"{p} priming") for p in primings])
-        ax.set(xlabel="fine-tuning", title="average test F1" + (" (boxed: own inner loop)" if name == "figure4-pe" else ""))
+        ax.set(xlabel="fine-tuning", title="average test F1" + (" (boxed: own inner loop)" if name == "figure4-pe"
+                                                                 else " (no priming: kyg's row)"))
         save(fig, name)
     for name, (title, x, y, curves) in lines.items():
         if not curves:
