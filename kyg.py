@@ -134,7 +134,7 @@ def parser():
     q.add_argument("--max-eval", type=count, help="score only the first N dev and test sentences")
     q.add_argument("--max-dev", type=count, help="score only the first N dev sentences (over --max-eval)")
     q.add_argument("--live-trunk", action="store_true", help="head/adapter: run the frozen encoder (with its "
-                   "dropout) at every step, not once; ~30x slower on a CPU (docs/details.md, 'Frozen trunk')")
+                   "dropout) at every step, not once; about 36x slower on a CPU (docs/details.md, 'Frozen trunk')")
     q.add_argument("--no-save", action="store_true", help="do not write the fine-tuned weights")
     q.add_argument("--out", required=True, help="results directory")
     q.set_defaults(command=finetune)
