@@ -43,11 +43,11 @@
 #                    finetune --live-trunk) instead of training on its features computed once   [0]
 #
 # Time, an estimate: about 1.3 hours on one H100 in fp32, not measured end to end. Its arithmetic
-# (README.md, "Time on a GPU"): per-step times measured on an H100 with mBERT-shaped batches of
+# (README.md, "Where it runs"): per-step times measured on an H100 with mBERT-shaped batches of
 # 32 x 48 tokens (forward 9.7 ms, full fine-tuning step 34.4 ms, cached meta-step 114 ms) times
 # the steps of each row: 3 rows of full fine-tuning (1 and Figure 3's two) x 30,510 steps 52 min,
 # their dev and test passes 9 min, the encoder's features for the 9 head and adapter rows 6 min,
-# 7 primings of 312 steps about 6 min, and the head and adapter updates on stored features.
+# 7 primings of 312 steps 6 min, and the head and adapter updates on stored features 5-9 min.
 #
 # Resumable: primed models and results are written atomically, and a rerun skips every finished
 # priming and every fine-tuning run already in OUT/results.jsonl; a priming that was stopped
