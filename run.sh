@@ -141,6 +141,11 @@ for i in "${!ROWS[@]}"; do
     done
 done
 echo "== run.sh: all ${#ROWS[@]} rows done in $(((SECONDS - started) / 60)) min"
+for row in "${ROWS[@]}"; do  # recorded under the row's own label: the priming ran with the flags it names
+    read -r priming method <<< "${ROW[$row]}"
+    grep -qF "\"priming\": \"$priming\", \"method\": \"$method\"" "$OUT/results.jsonl" ||
+        { echo "run.sh: row $row has no run recorded as $priming -> $method in $OUT/results.jsonl" >&2; exit 1; }
+done
 python kyg.py table "$OUT"
 if [[ "${1:-}" == demo ]]; then
     grep -E "^\| (row|3/AT|4/Meta Priming → AT|5/FT Priming → AT|4 > 3|4 > 5) \|" "$OUT/table.md"

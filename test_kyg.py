@@ -517,17 +517,6 @@ def test_every_table1_row_runs_from_the_command_line_and_writes_a_result(tiny, t
     assert "| 4/Meta Priming → AT |" in table and "| 4 > 3 |" in table and "/ 81.25" in table
 
 
-def test_run_sh_primes_each_row_as_its_label_says(tmp_path):
-    """run.sh turns a row's priming label into `kyg.py prime` flags; the priming that ran must be the
-    one the label names (row 7 once ran with S = 5 under the name meta-S1)."""
-    rows = {"7-2nd": "meta-S1-2nd", "5b": "ft-head0.001", "meta-lora:lora": "meta-lora"}
-    env = {**os.environ, "KYG_OUT": str(tmp_path), "KYG_ROWS": " ".join(rows), "KYG_LANGS": "hi", "KYG_SEEDS": "1",
-           "KYG_LRS": "1e-3", "KYG_PRIME_SEEDS": "1"}
-    subprocess.run(["bash", "run.sh", "smoke"], cwd=os.path.dirname(os.path.abspath(__file__)), env=env, check=True,
-                   capture_output=True)
-    assert {r["priming"] for r in report.read_results(str(tmp_path))} == set(rows.values())
-
-
 def test_table_judges_an_ordering_only_against_a_spread(tmp_path):
     """A claim is 'held' only when the gap exceeds the seed spread: with one seed there is no spread,
     and an average over fewer languages than the table shows says so. Figure 3's claims (full
@@ -672,6 +661,7 @@ def test_fine_tuning_priming_can_give_the_heads_their_own_learning_rate(tagger):
 WITHOUT_FCNTL = "import sys\nsys.modules['fcntl'] = None  # as on Windows: no Unix locks\n"
 
 
+@pytest.mark.slow  # starts processes
 @pytest.mark.parametrize("prelude", ["", WITHOUT_FCNTL], ids=["fcntl", "no fcntl"])
 def test_side_by_side_runs_keep_every_result(tmp_path, prelude):
     """finetune processes writing into one results folder at once lose none of each other's
@@ -746,6 +736,7 @@ def start_and_kill(args, done):
     assert process.wait() == -signal.SIGKILL  # killed, not finished
 
 
+@pytest.mark.slow  # starts processes
 @pytest.mark.parametrize("method", ["meta", "maml"])
 def test_a_killed_priming_resumes_and_ends_bit_identical(tiny, tmp_path, method):
     # 12 sentences a task, 80 a language: a save falls mid-pass, with the sampler's queues part-used.
@@ -768,6 +759,7 @@ def test_a_killed_priming_resumes_and_ends_bit_identical(tiny, tmp_path, method)
     assert len(curve(tmp_path / "whole")) == 60 and curve(tmp_path / "killed") == curve(tmp_path / "whole")
 
 
+@pytest.mark.slow  # starts processes
 def test_a_killed_finetune_keeps_every_finished_run_and_redoes_the_killed_one(tiny, tmp_path):
     out = tmp_path / "r"
     args = ["finetune", "--method", "adapter", "--lang", "hi", "--seed", "1", "2", "--epochs", "40",
@@ -783,6 +775,7 @@ def kyg_process(*args):
                             stderr=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
+@pytest.mark.slow  # starts processes
 def test_workers_on_one_command_divide_its_runs_and_record_each_once(tiny, tmp_path):
     """Two processes on one command of 2 languages × 2 seeds: each claims a run before it starts
     it, so the 4 runs are recorded once each, and both did some of them."""
@@ -796,6 +789,7 @@ def test_workers_on_one_command_divide_its_runs_and_record_each_once(tiny, tmp_p
     assert sum(ran) == 4 and min(ran) >= 1, ran
 
 
+@pytest.mark.slow  # starts processes
 def test_a_run_whose_worker_was_killed_is_redone_by_the_other_worker(tiny, tmp_path):
     """kill -9 frees a worker's claim: the other worker redoes its run and finishes every run."""
     args = ["finetune", "--method", "adapter", "--lang", "en", "hi", "--seed", "1", "2", "--epochs", "40",
@@ -810,6 +804,7 @@ def test_a_run_whose_worker_was_killed_is_redone_by_the_other_worker(tiny, tmp_p
         [("en", 1), ("en", 2), ("hi", 1), ("hi", 2)]
 
 
+@pytest.mark.slow  # starts processes
 def test_two_workers_needing_one_priming_prime_it_once(tiny, tmp_path):
     args = ["prime", "--method", "meta", "--steps", "20", "--support-size", "8", "--query-size", "8",
             "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(tmp_path / "m")]
