@@ -64,6 +64,12 @@ def batch_of(tiny, tokenizer, lang, start, size):
     return D.collate(examples, tokenizer.pad_token_id)
 
 
+def table_rows(directory):
+    """DIR/table.md's Markdown tables as {a row's first cell, "| " included: [its other cells]}."""
+    return {line.split(" | ")[0]: line.rstrip(" |\n").split(" | ")[1:]
+            for line in open(os.path.join(directory, "table.md"), encoding="utf-8") if line.startswith("| ")}
+
+
 def snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -181,9 +187,8 @@ def test_model_without_tokenizer_raises_one_clear_error(tiny, tmp_path):
 
 
 def test_command_line_errors_are_one_line_without_traceback(tiny, tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(HERE, "kyg.py"), "finetune", "--method", "adapter",
-                             "--lang", "xx", "--model", tiny["model"], "--data-dir", tiny["data"],
-                             "--out", str(tmp_path)], capture_output=True, text=True)
+    result = run_kyg("finetune", "--method", "adapter", "--lang", "xx", "--model", tiny["model"],
+                     "--data-dir", tiny["data"], "--out", str(tmp_path))
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == ["kyg: error: unknown language 'xx': "
                                                   f"{tiny['data']} has en, es, hi"]
@@ -530,8 +535,7 @@ def test_table_judges_an_ordering_only_against_a_spread(tmp_path):
             report.append_result(str(tmp_path), {"priming": priming, "method": method, "lang": lang,
                                               "seed": seed, "test_f1": score})
     kyg.main(["table", str(tmp_path)])
-    rows = {line.split(" | ")[0]: line.rstrip(" |\n").split(" | ")[1:]
-            for line in open(tmp_path / "table.md", encoding="utf-8") if line.startswith("| ")}
+    rows = table_rows(tmp_path)
     assert rows["| 4 > 3"][:2] == ["held (+10.00)", "one seed (+15.00)"]
     assert rows["| 3/AT"][:2] == ["41.00 ± 1.41 (2) / 77.76", "40.00 (1) / 84.1"]  # no spread from one run
     assert rows["| 4 > 5"][0] == "tie (+0.00)"
@@ -553,8 +557,7 @@ def test_the_matrix_beyond_the_adapter_compares_each_column_with_its_own_ft_prim
             report.append_result(str(tmp_path), {"priming": priming, "method": method, "lang": "hi", "seed": seed,
                                               "test_f1": score})
     kyg.main(["table", str(tmp_path)])
-    rows = {line.split(" | ")[0]: line.rstrip(" |\n").split(" | ")[1:]
-            for line in open(tmp_path / "table.md", encoding="utf-8") if line.startswith("| ")}
+    rows = table_rows(tmp_path)
     assert rows["| FT priming, same θa"] == ["40.50", "63.00"]  # not ft→lora's 10.50; bitfit: not run
     assert rows["| priming ↓ fine-tuning →"] == ["adapter", "lora"] and "| BitFit inner loop" not in rows
     assert rows["| meta-lora→lora > meta→lora"] == ["held (+10.50)"]
@@ -574,8 +577,7 @@ def test_table_keeps_the_learning_rate_with_the_best_dev_f1_and_pools_priming_se
         report.append_result(str(tmp_path), {"priming": "meta", "method": "adapter", "lang": "hi", "seed": 1, "lr": 1e-3,
                                           "dev_f1": 0.0, "test_f1": score, "priming_config": {"seed": priming_seed}})
     kyg.main(["table", str(tmp_path)])
-    rows = {line.split(" | ")[0]: line.rstrip(" |\n").split(" | ")[1:]
-            for line in open(tmp_path / "table.md", encoding="utf-8") if line.startswith("| ")}
+    rows = table_rows(tmp_path)
     assert rows["| 3/AT"][0] == "41.00 ± 1.41 (2) / 77.76"  # 1e-2: the better dev F1, the worse test F1
     assert rows["| none → adapter"] == ["0.01 (2)"]  # of two rates tried
     assert rows["| 4/Meta Priming → AT"][0].startswith("66.00 ± 5.89 (4)")  # both priming seeds' spread
@@ -591,8 +593,7 @@ def test_the_table_shows_each_primings_loss_over_its_steps(tmp_path):
                                           "test_f1": 50.0, "priming_config": {"seed": seed, "loss_by_step": curve,
                                                                               "seconds": 120.0}})
     kyg.main(["table", str(tmp_path)])
-    rows = {line.split(" | ")[0]: line.rstrip(" |\n").split(" | ")[1:]
-            for line in open(tmp_path / "table.md", encoding="utf-8") if line.startswith("| ")}
+    rows = table_rows(tmp_path)
     assert rows["| ft-head0.001 (1)"] == ["19.500", "17.500", "15.500", "13.500", "11.500", "9.500", "7.500",
                                           "5.500", "3.500", "1.500", "20", "2"]
     assert rows["| meta (2)"] == ["3.000"] * 10 + ["1", "2"]  # one step fills every tenth
@@ -721,15 +722,22 @@ def test_a_primed_directory_loads_whether_its_encoder_is_one_file_or_shards(tiny
         assert torch.equal(p, q), name
 
 
+def kyg_process(*args):
+    """`python kyg.py ARGS` as a process of its own, offline, its output captured as text."""
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "kyg.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
 def run_kyg(*args):
-    return subprocess.run([sys.executable, os.path.join(HERE, "kyg.py"), *args], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    """kyg_process(ARGS) waited for: its returncode, stdout and stderr."""
+    process = kyg_process(*args)
+    out, err = process.communicate()
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 def start_and_kill(args, done):
     """Start `kyg.py args`, SIGKILL it as soon as done() is true, and check it was killed mid-run."""
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "kyg.py"), *args], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    process = kyg_process(*args)
     while not done() and process.poll() is None:
         time.sleep(0.005)
     process.kill()
@@ -768,11 +776,6 @@ def test_a_killed_finetune_keeps_every_finished_run_and_redoes_the_killed_one(ti
     assert [r["seed"] for r in report.read_results(str(out))] == [1]  # seed 1 whole, seed 2 not half-written
     assert run_kyg(*args).returncode == 0
     assert [r["seed"] for r in report.read_results(str(out))] == [1, 2]
-
-
-def kyg_process(*args):
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "kyg.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 @pytest.mark.slow  # starts processes
