@@ -8,8 +8,8 @@
 Medians of repeats, all in one process on one device, so that ratios hold on a noisy machine: a
 fine-tuning step of the whole model (the unit), the encoder's forward, meta-steps (2 tasks, S = 5)
 of Algorithm 1 with the trunk once ("cached") or line by line ("full"), of the MAML loop, and of
-the exact meta-gradient ("2nd"). Peak memory on CUDA only, each case's own: each case has its own
-optimizer, whose state is freed before the next case.
+the exact meta-gradient ("2nd"). Peak memory on CUDA only, each case's own: the optimizers' state is
+freed after each case and the peak counted from before its warm-up.
 """
 import argparse
 import statistics
@@ -74,34 +74,33 @@ def run(args):
     batches = [{k: v.to(device) for k, v in collate(pool[i:i + args.batch_size], pad_id=0).items()}
                for i in range(0, len(pool), args.batch_size)]
     tasks = [("en", batches[0], batches[1]), ("es", batches[2], batches[3])]
-    adamw = lambda params: torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    one_cycle = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    fused = device.type == "cuda"
 
-    def ft_step():  # a case: (make its optimizer) -> the step to time
-        everything = adamw(model.parameters())
+    everything = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
 
-        def step():
-            everything.zero_grad(set_to_none=True)
-            token_loss(model("en", batches[0]["input_ids"], batches[0]["attention_mask"]), batches[0]["labels"]).backward()
-            everything.step()
-        return step
+    def ft_step():
+        everything.zero_grad(set_to_none=True)
+        token_loss(model("en", batches[0]["input_ids"], batches[0]["attention_mask"]), batches[0]["labels"]).backward()
+        everything.step()
 
     def forward():
         with torch.no_grad():
             model.encode(batches[0]["input_ids"], batches[0]["attention_mask"])
 
-    def meta_step(variant, cache, lr, second_order=False):
-        optimizer = adamw(named_params(model, "pretrained", "pe").values())
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        return lambda: meta.meta_step(model, optimizer, scheduler, tasks,
-                                      meta.InnerLoop(variant, 5, lr, second_order, cache))
-    cases = {"ft step": ft_step, "forward": lambda: forward, "meta cached": lambda: meta_step("meta", True, 0.03),
-             "meta full": lambda: meta_step("meta", False, 0.03), "maml": lambda: meta_step("maml", False, 1e-4),
-             "2nd cached": lambda: meta_step("meta", True, 0.03, True),
-             "2nd full": lambda: meta_step("meta", False, 0.03, True)}
+    meta_opt = torch.optim.AdamW(named_params(model, "pretrained", "pe").values(), lr=1e-5, fused=fused)
+    meta_sched = one_cycle(meta_opt)
+    step = lambda variant, cache, lr, second_order=False: lambda: meta.meta_step(
+        model, meta_opt, meta_sched, tasks, meta.InnerLoop(variant, 5, lr, second_order, cache))
+    cases = {"ft step": ft_step, "forward": forward, "meta cached": step("meta", True, 0.03),
+             "meta full": step("meta", False, 0.03), "maml": step("maml", False, 1e-4),
+             "2nd cached": step("meta", True, 0.03, True), "2nd full": step("meta", False, 0.03, True)}
     results = {}
-    for name, make in cases.items():
-        results[name] = measure(make(), device, args.repeats)  # the case's optimizer goes with it
-        model.zero_grad(set_to_none=True)
+    for name, fn in cases.items():
+        results[name] = measure(fn, device, args.repeats)
+        for optimizer in (everything, meta_opt):  # no case's memory holds another's gradients or AdamW state
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.state.clear()
     return device, model, results
 
 
