@@ -80,12 +80,12 @@ def adapt(model, support, lang, inner):
         support_losses.append(loss.detach())  # before the step: the first is the loss at θ
         # Alg. 1, line 11 (and, in "maml", the red line): θ^i ← θ^i − α∇L(f_θ^i, 𝒟tr)
         if inner.second_order:
-            # ✂ exercise 5: Alg. 1, line 11 for the exact meta-gradient: the step as new tensors on the graph
+            # ✂ exercise 8: Alg. 1, line 11 for the exact meta-gradient: the step as new tensors on the graph
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
             fast = {name: p - inner.lr * g for (name, p), g in zip(fast.items(), grads)}
             # ✂ end
         else:
-            # ✂ exercise 1: Alg. 1, line 11, first order: a step of SGD on the copies, in place, keeping no graph
+            # ✂ exercise 5: Alg. 1, line 11, first order: a step of SGD on the copies, in place, keeping no graph
             grads = torch.autograd.grad(loss, list(fast.values()))
             with torch.no_grad():
                 for p, g in zip(fast.values(), grads):
@@ -97,7 +97,7 @@ def adapt(model, support, lang, inner):
 def add_meta_gradient(model, fast, query, lang, inner):
     """Alg. 1, line 14 for one task: the gradient of the query loss at θ^i, L(f_θ^i, 𝒟ts), added
     into the .grad of θp and θa, where line 14's Σ over the tasks accumulates. Returns the loss."""
-    # ✂ exercise 2: Alg. 1, line 14: the query loss at θ^i, its gradient added into the .grad of θp and θa
+    # ✂ exercise 6: Alg. 1, line 14: the query loss at θ^i, its gradient added into the .grad of θp and θa
     loss = task_loss(model, fast, query, lang)
     loss.backward()
     # First order, the gradient at θ^i stands for the one at θ: θp's lands in θp's .grad by itself
@@ -125,7 +125,7 @@ def meta_step(model, optimizer, scheduler, tasks, inner):
         support_curves.append(support_losses)
         # Alg. 1, line 15 keeps the first task's adapted head; with a head per language, each
         # head keeps the one adapted by that language's first task in this meta-batch.
-        # ✂ exercise 3: Alg. 1, line 15: θh = θh^1, each language's adapted head from its first task
+        # ✂ exercise 7: Alg. 1, line 15: θh = θh^1, each language's adapted head from its first task
         first_heads.setdefault(lang, {n: p.detach() for n, p in fast.items() if group_of(n, model.pe_method) == "head"})
         # ✂ end
         del fast  # before the next task's adapt(): the MAML loop holds one copy of θp at a time

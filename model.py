@@ -58,7 +58,7 @@ class LoRALinear(nn.Linear):
         linear.lora_scale = alpha / rank
 
     def forward(self, x):
-        # ✂ exercise 6: LoRA's θa: W x + (α/r)·B A x
+        # ✂ exercise 2: LoRA's θa: W x + (α/r)·B A x
         return super().forward(x) + self.lora_scale * (x @ self.lora_a.T @ self.lora_b.T)
         # ✂ end
 
