@@ -19,6 +19,7 @@ import time
 
 import pytest
 import torch
+import transformers
 
 import data as D
 import kyg
@@ -212,6 +213,60 @@ def test_parameter_groups_partition_the_model(tagger):
     assert groups == {"pretrained", "pe", "head"}
     assert set(M.named_params(model, "head", lang="es")) == {"heads.es.weight", "heads.es.bias"}
     assert set(M.named_params(model, "pe", "head")) == {n for n, _ in model.named_parameters() if not n.startswith("encoder.")}
+
+
+# The tiny BERT's shape and vocabulary in the other encoder families kyg supports.
+TINY_FAMILIES = {
+    "xlm-roberta": lambda vocab: transformers.XLMRobertaConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=66, pad_token_id=0),  # XLM-R's positions start after the padding id
+    "distilbert": lambda vocab: transformers.DistilBertConfig(
+        vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64, pad_token_id=0),
+}
+
+
+def tiny_encoder_of(family, tiny):
+    """A tiny random encoder of `family`, a model directory with the tiny BERT's tokenizer."""
+    directory = tiny["root"] / family
+    if family == "bert" or directory.exists():
+        return tiny["model"] if family == "bert" else str(directory)
+    shutil.copytree(tiny["model"], directory)  # the tokenizer's files; config and weights are replaced
+    vocab = len((directory / "vocab.txt").read_text(encoding="utf-8").splitlines())
+    torch.manual_seed(0)
+    transformers.AutoModel.from_config(TINY_FAMILIES[family](vocab)).save_pretrained(str(directory))
+    return str(directory)
+
+
+@pytest.mark.parametrize("family", ["bert", *TINY_FAMILIES])
+@pytest.mark.parametrize("pe", M.PE_METHODS)
+def test_each_encoder_family_tags_and_primes_with_each_pe_method(tiny, family, pe):
+    """BERT, XLM-R and DistilBERT, each tiny and random: the tagger loads with each PE method's θa
+    (LoRA's: A and B on the query and the value projection of every layer), and one meta-step
+    moves θp, θa and θh."""
+    torch.manual_seed(0)
+    model, tokenizer = M.load(tiny_encoder_of(family, tiny), ["en", "es"], pe_method=pe)
+    assert type(model.encoder).__name__.lower().startswith(family.replace("-", "")), type(model.encoder)
+    if pe == "lora":
+        layers = model.encoder.config.num_hidden_layers
+        assert len(M.named_params(model, "pe")) == 2 * 2 * layers, list(M.named_params(model, "pe"))
+    before = snapshot(model)
+    adamw = torch.optim.AdamW(M.named_params(model, "pretrained", "pe").values(), lr=1e-3)
+    meta.meta_step(model, adamw, constant_lr(adamw), two_tasks(tiny, tokenizer), meta.InnerLoop(steps=2))
+    moved = {M.group_of(n, pe) for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"pretrained", "pe", "head"}, moved
+
+
+def test_a_distilbert_is_primed_and_tuned_from_the_command_line(tiny, tmp_path):
+    """The encoder a student reaches for on a laptop: LoRA priming and tuning of a DistilBERT run,
+    and the primed directory loads as a DistilBERT."""
+    common = ["--model", tiny_encoder_of("distilbert", tiny), "--data-dir", tiny["data"]]
+    kyg.main(["prime", "--method", "meta", "--pe", "lora", "--source", "en", "es", "--steps", "2",
+              "--support-size", "8", "--query-size", "8", "--out", str(tmp_path / "p"), *common])
+    assert type(transformers.AutoModel.from_pretrained(str(tmp_path / "p"))).__name__ == "DistilBertModel"
+    kyg.main(["finetune", "--method", "lora", "--lang", "hi", "--epochs", "1", "--init", str(tmp_path / "p"),
+              "--no-save", "--out", str(tmp_path / "r"), *common])
+    [record] = report.read_results(str(tmp_path / "r"))
+    assert record["priming"] == "meta-lora" and 0 <= record["test_f1"] <= 100, record
 
 
 def test_a_lora_layer_adds_its_scaled_low_rank_update_to_w_x():
