@@ -774,8 +774,9 @@ def test_the_table_shows_each_primings_loss_over_its_steps(tmp_path):
     for priming, seed, curve in (("ft-head0.001", 1, [float(x) for x in range(20, 0, -1)]), ("meta", 2, [3.0]),
                                  ("ft", 1, None)):
         report.append_result(str(tmp_path), {"priming": priming, "method": "adapter", "lang": "hi", "seed": 1,
-                                          "test_f1": 50.0, "priming_config": {"seed": seed, "loss_by_step": curve,
-                                                                              "seconds": 120.0}})
+                                          "test_f1": 50.0, "priming_config": {
+                                              "method": priming.split("-")[0], "source": ["en", "es"], "seed": seed,
+                                              "loss_by_step": curve, "seconds": 120.0}})
     kyg.main(["table", str(tmp_path)])
     rows = {line.split(" | ")[0]: line.rstrip(" |\n").split(" | ")[1:]
             for line in open(tmp_path / "table.md", encoding="utf-8") if line.startswith("| ")}
@@ -802,17 +803,20 @@ def test_the_pictures_of_priming_at_work_plot_the_records(tiny, tmp_path):
     chosen = {(r["priming"], r["method"], r["lang"]): [x for x in results if x["priming"] == r["priming"]]
               for r in results}
     primings = {(r["priming"], r["priming_config"]["seed"]): r["priming_config"] for r in results if r["priming_config"]}
-    data = {name: curves for name, (_, _, _, curves) in report.pictures(primings, chosen).items()}
+    data = {name: panels for name, (_, _, _, panels) in report.pictures(primings, chosen).items()}
     meta_record, ft_record = (M.read_priming(str(tmp_path / m)) for m in ("meta", "ft"))
-    assert data["priming"] == {"4/Meta Priming → AT, priming seed 1": meta_record["loss_by_step"],
-                               "5/FT Priming → AT, priming seed 1": ft_record["loss_by_step"]}
+    # Per batch, so that the heights compare: a meta-step's loss sums 2 query batches (en, es), FT's 4.
+    assert data["priming"] == {"": {
+        "4/Meta Priming → AT, priming seed 1": pytest.approx([loss / 2 for loss in meta_record["loss_by_step"]]),
+        "5/FT Priming → AT, priming seed 1": pytest.approx([loss / 4 for loss in ft_record["loss_by_step"]])}}
     curves = meta_record["support_loss_by_step"]
     assert len(curves) == 20 and all(len(c) == 5 for c in curves) and ft_record["support_loss_by_step"] is None
     mean = lambda rows: [sum(c[s] for c in rows) / len(rows) for s in range(5)]
-    assert data["inner-loop"] == {"4/Meta Priming → AT, priming seed 1: first 2 steps": pytest.approx(mean(curves[:2])),
-                                  "4/Meta Priming → AT, priming seed 1: last 2 steps": pytest.approx(mean(curves[-2:]))}
+    assert data["inner-loop"] == {  # early and late, each in a panel of its own scale
+        "first tenth of priming": {"4/Meta Priming → AT, priming seed 1: first 2 steps": pytest.approx(mean(curves[:2]))},
+        "last tenth of priming": {"4/Meta Priming → AT, priming seed 1: last 2 steps": pytest.approx(mean(curves[-2:]))}}
     name = {"none": "3/AT", "meta": "4/Meta Priming → AT", "ft": "5/FT Priming → AT"}
-    assert data["fine-tuning"] == {name[p]: pytest.approx([(a + b) / 2 for a, b in zip(*runs[p])]) for p in name}
+    assert data["fine-tuning"] == {"": {name[p]: pytest.approx([(a + b) / 2 for a, b in zip(*runs[p])]) for p in name}}
     assert all(len(epochs) == 3 for runs_of in runs.values() for epochs in runs_of)
     if importlib.util.find_spec("matplotlib"):  # CI installs it; the table draws no figure without it
         for picture in ("priming", "inner-loop", "fine-tuning"):
