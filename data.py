@@ -120,7 +120,7 @@ def encode(sentences, tokenizer, max_length):
     enc = tokenizer([s.words for s in sentences], is_split_into_words=True, truncation=True, max_length=max_length)
     examples = []
     for i, sentence in enumerate(sentences):
-        # ✂ exercise 7: the gold tag on each word's first sub-word, -100 elsewhere; where each word starts
+        # ✂ exercise 1: the gold tag on each word's first sub-word, -100 elsewhere; where each word starts
         labels, positions = [], [-1] * len(sentence.words)
         previous = None
         for position, word in enumerate(enc.word_ids(i)):
@@ -193,7 +193,7 @@ class TaskSampler:
 
     def sample(self):
         """-> [(lang, support [Example], query [Example])], one task per source language."""
-        # ✂ exercise 8: Alg. 1, line 7: a batch of tasks, each sentence once a pass
+        # ✂ exercise 3: Alg. 1, line 7: a batch of tasks, each sentence once a pass
         tasks = []
         for lang, examples in self.examples.items():
             need = self.support_size + self.query_size

@@ -4,14 +4,16 @@
      6  while not converged do                                   prime(): one meta-step per batch
      7      sample a batch of tasks 𝒯                            TaskSampler.sample()  (data.py)
      8      for all 𝒯i ∈ 𝒯 do                                    meta_step()
-     9          θ^i = θ                                          adapt()
+     9          θ^i = θ                                          adapt(): inner_loop_copies()
     10          for s ← 1..S do                                  adapt()
     11              θa^i ← θa^i − α∇L(f_θ^i, 𝒟tr);  θh^i ← θh^i − α∇L(f_θ^i, 𝒟tr)
                     [θp^i ← θp^i − α∇L(f_θ^i, 𝒟tr)]   the red line: MAML only (variant "maml")
-    14      θa ← θa − β∇Σ L(f_θ^i, 𝒟ts);  θp ← θp − β∇Σ L(f_θ^i, 𝒟ts)   meta_step(), first order
-                                                       (or second); AdamW: priming_optimizer()
+    14      θa ← θa − β∇Σ L(f_θ^i, 𝒟ts);  θp ← θp − β∇Σ L(f_θ^i, 𝒟ts)   meta_step(): the Σ from
+                   add_meta_gradient(), first order (or second); the step: AdamW, priming_optimizer()
     15      θh = θh^1                                            meta_step()
     17  return θp, θa
+§3.2 numbers the lines in its prose otherwise: its inner loop "lines 3-8", line 9 and line 10 are
+lines 8-13, 14 and 15 here.
 
 Parameters are dicts of tensors (CS330 style): the inner loop keeps its own copies θ^i of only the
 parameters it updates and runs the model with `torch.func.functional_call`, which reads every
@@ -33,17 +35,9 @@ from model import group_of, named_params, token_loss
 INNER_GROUPS = {"meta": ("pe", "head"), "maml": ("pretrained", "pe", "head")}
 
 
-# The exact meta-gradient (`second_order`, "meta" only; the paper uses first order "as a
-# workaround", §4.2) differentiates through the S inner steps. Write h = f(x_tr; θp) for the trunk's
-# features of the support batch. The "meta" inner loop only ever sees θp through h:
-#     φ_0 = (θa, θh),   φ_{s+1} = φ_s − α ∇_φ L_tr(φ_s; h),   query loss  L_ts(θp, φ_S)
-# so φ_S is a function of θa and of h, and by the chain rule
-#     dL_ts/dθa = ∂L_ts/∂φ_S · dφ_S/dθa,          dφ_{s+1}/dφ_s = I − α ∇²_φ L      (S small steps back)
-#     dL_ts/dθp = ∂L_ts/∂θp  +  ∂L_ts/∂φ_S · dφ_S/dh · ∂h/∂θp                    (query pass + one support pass)
-# The Hessians are over adapter and head only, and θp is reached through the support features by
-# one backward through the trunk, not S of them. Autograd does all of it when h keeps its graph
-# and each inner update is built with create_graph=True: that is the whole change. θh still gets
-# no meta-gradient (line 15), so its copy starts detached.
+# The exact meta-gradient (`second_order`, "meta" only; the paper's is first order, §4.2) keeps the
+# S inner steps in the graph, so that line 14 differentiates through them. Why that costs only
+# one more backward through the trunk per task: docs/details.md, "The exact meta-gradient".
 
 @dataclass(frozen=True)
 class InnerLoop:
@@ -61,79 +55,87 @@ def task_loss(model, params, batch, lang, hidden=None):
     return token_loss(functional_call(model, params, (lang,), inputs), batch["labels"])
 
 
+def inner_loop_copies(model, lang, variant):
+    """Alg. 1, line 9, θ^i = θ, for what the inner loop updates: θa, the task's θh and, in "maml", θp
+    (the red line), each a copy of its own, {name: tensor}. The rest of θ^i is the model's own."""
+    # ✂ exercise 4: Alg. 1, line 9: copies that the inner loop can step while θ stays where it is
+    return {name: p.detach().clone().requires_grad_()
+            for name, p in named_params(model, *INNER_GROUPS[variant], lang=lang).items()}
+    # ✂ end
+
+
 def adapt(model, support, lang, inner):
     """Alg. 1, lines 9-12 for one task: S steps of plain SGD on the support batch. Returns θ^i as
     {name: tensor} of what the inner loop updated (θa, the task's θh, in "maml" θp; the rest of θ^i
     is the model's own), and the support loss before each step, [S] (falling: the loop learns)."""
-    second_order = inner.second_order
-    # Alg. 1, line 9: θ^i = θ. Only what the inner loop changes needs a copy of its own; in
-    # second order θa^i starts as θa itself, so that the inner steps stay on θa's graph.
-    # ✂ exercise 4: Alg. 1, line 9, and the red line: the copies θ^i of what the inner loop updates
-    fast = {name: p if second_order and group_of(name, model.pe_method) == "pe" else p.detach().clone().requires_grad_()
-            for name, p in named_params(model, *INNER_GROUPS[inner.variant], lang=lang).items()}
-    # ✂ end
+    fast = inner_loop_copies(model, lang, inner.variant)  # Alg. 1, line 9: θ^i = θ
+    if inner.second_order:  # θa^i starts as θa itself, so that the inner steps stay on θa's graph
+        fast.update(named_params(model, "pe"))
     hidden, support_losses = None, []
     if inner.cache_trunk and inner.variant == "meta" and model.trunk_is_fixed_by_pretrained:
-        with torch.set_grad_enabled(second_order):  # second order: θp reaches the query loss through h
+        with torch.set_grad_enabled(inner.second_order):  # second order: θp reaches the query loss through h
             hidden = model.encode(support["input_ids"], support["attention_mask"])
     for _ in range(inner.steps):  # Alg. 1, line 10
-        # ✂ exercise 1: Alg. 1, lines 10-11: a step of SGD on θ^i at the support loss
         loss = task_loss(model, fast, support, lang, hidden)
-        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=second_order)
-        support_losses.append(loss.detach())
-        # Alg. 1, line 11 (and, in "maml", the red line): θ^i ← θ^i − α∇L(f_θ^i, 𝒟tr).
-        if not second_order:
-            with torch.no_grad():  # first order: in place and outside autograd, no graph kept
+        support_losses.append(loss.detach())  # before the step: the first is the loss at θ
+        # Alg. 1, line 11 (and, in "maml", the red line): θ^i ← θ^i − α∇L(f_θ^i, 𝒟tr)
+        if inner.second_order:
+            # ✂ exercise 8: Alg. 1, line 11 for the exact meta-gradient: the step as new tensors on the graph
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+            fast = {name: p - inner.lr * g for (name, p), g in zip(fast.items(), grads)}
+            # ✂ end
+        else:
+            # ✂ exercise 5: Alg. 1, line 11, first order: a step of SGD on the copies, in place, keeping no graph
+            grads = torch.autograd.grad(loss, list(fast.values()))
+            with torch.no_grad():
                 for p, g in zip(fast.values(), grads):
                     p -= inner.lr * g
-            continue
-        # ✂ end
-        # ✂ exercise 5: the exact meta-gradient: line 11 as a new tensor on the graph
-        fast = {name: p - inner.lr * g for (name, p), g in zip(fast.items(), grads)}
-        # ✂ end
+            # ✂ end
     return fast, torch.stack(support_losses)
+
+
+def add_meta_gradient(model, fast, query, lang, inner):
+    """Alg. 1, line 14 for one task: the gradient of the query loss at θ^i, L(f_θ^i, 𝒟ts), added
+    into the .grad of θp and θa, where line 14's Σ over the tasks accumulates. Returns the loss."""
+    # ✂ exercise 6: Alg. 1, line 14: the query loss at θ^i, its gradient added into the .grad of θp and θa
+    loss = task_loss(model, fast, query, lang)
+    loss.backward()
+    # First order, the gradient at θ^i stands for the one at θ: θp's lands in θp's .grad by itself
+    # in "meta" (θ^i reads the model's own θp), θa's (and in "maml" θp's) lands in the copies and is
+    # added from them. Second order, backward() has reached θp and θa through the inner steps.
+    if not inner.second_order:
+        meta_params = named_params(model, "pretrained", "pe")
+        with torch.no_grad():
+            for name, p in fast.items():
+                if name in meta_params:  # not θh's copy: θh gets no meta-gradient (line 15)
+                    target = meta_params[name]
+                    target.grad = p.grad.clone() if target.grad is None else target.grad.add_(p.grad)
+    return loss.detach()
+    # ✂ end
 
 
 def meta_step(model, optimizer, scheduler, tasks, inner):
     """Alg. 1, lines 8-15, on a sampled batch of tasks [(lang, support, query)]; the optimizer holds
     θp and θa. Returns the query loss summed over the tasks and the support curve averaged, [S]."""
     optimizer.zero_grad(set_to_none=True)
-    meta_params = named_params(model, "pretrained", "pe")
-    first_heads = {}
-    query_total, support_curve = 0.0, 0.0
+    first_heads, query_losses, support_curves = {}, [], []
     for lang, support, query in tasks:  # Alg. 1, line 8
         fast, support_losses = adapt(model, support, lang, inner)  # Alg. 1, lines 9-12
-        # Alg. 1, line 14. backward() accumulates the sum over tasks into .grad of θp and θa.
-        # First order: ∇ of L(f_θ^i, 𝒟ts) at θ^i stands for the gradient at θ; it lands in .grad of
-        # θp directly where θ^i shares the model's tensor ("meta"), and in the θ^i copies otherwise,
-        # collected just below. Second order: the exact gradient, through the inner steps.
-        # ✂ exercise 2: Alg. 1, line 14: the query loss at θ^i, its gradient summed into θp's and θa's .grad
-        loss = task_loss(model, fast, query, lang)
-        loss.backward()
-        query_total += loss.detach()
-        support_curve += support_losses / len(tasks)
-        with torch.no_grad():
-            for name, p in fast.items():
-                if group_of(name, model.pe_method) == "head" or inner.second_order:
-                    continue  # θh gets no meta-gradient; second order needs no copying
-                target = meta_params[name]
-                target.grad = p.grad.clone() if target.grad is None else target.grad.add_(p.grad)
-        # ✂ end
+        query_losses.append(add_meta_gradient(model, fast, query, lang, inner))  # Alg. 1, line 14, task by task
+        support_curves.append(support_losses)
         # Alg. 1, line 15 keeps the first task's adapted head; with a head per language, each
         # head keeps the one adapted by that language's first task in this meta-batch.
-        # ✂ exercise 3: Alg. 1, line 15: θh = θh^1, kept here ...
+        # ✂ exercise 7: Alg. 1, line 15: θh = θh^1, each language's adapted head from its first task
         first_heads.setdefault(lang, {n: p.detach() for n, p in fast.items() if group_of(n, model.pe_method) == "head"})
         # ✂ end
-        del fast, loss  # before the next task's adapt(): the MAML loop holds one copy of θp at a time
+        del fast  # before the next task's adapt(): the MAML loop holds one copy of θp at a time
     optimizer.step()  # Alg. 1, line 14: θp, θa ← AdamW step on the summed meta-gradient
     scheduler.step()
-    with torch.no_grad():  # Alg. 1, line 15: θh = θh^1
-        # ✂ exercise 3: ... and put in place here
+    with torch.no_grad():  # Alg. 1, line 15, once every task has adapted from θh itself
         for head in first_heads.values():
             for name, value in head.items():
                 model.get_parameter(name).copy_(value)
-        # ✂ end
-    return query_total.item(), support_curve.tolist()
+    return torch.stack(query_losses).sum().item(), torch.stack(support_curves).mean(0).tolist()
 
 
 def fine_tune_step(model, optimizer, scheduler, tasks):

@@ -1,6 +1,6 @@
 """The tagger of the paper's Figure 2: logits = h(g(f(x; θp); θa); θh).
 
-  f  `encoder`  any Hugging Face encoder (AutoModel), pretrained θp (mBERT by default)
+  f  `encoder`  a Hugging Face encoder (AutoModel) of the BERT, XLM-R or DistilBERT family, θp (mBERT by default)
   g  `adapter`  one bottleneck adapter after the last layer, θa (the identity without one)
   h  `heads`    one linear token-classification head per language, θh, dropout before it
 
@@ -58,12 +58,15 @@ class LoRALinear(nn.Linear):
         linear.lora_scale = alpha / rank
 
     def forward(self, x):
-        # ✂ exercise 6: LoRA's θa: W x + (α/r)·B A x
+        # ✂ exercise 2: LoRA's θa: W x + (α/r)·B A x
         return super().forward(x) + self.lora_scale * (x @ self.lora_a.T @ self.lora_b.T)
         # ✂ end
 
 
 PE_METHODS = ("adapter", "lora", "bitfit")
+# The attention's query and value projections, which LoRA updates (Hu et al.), as the encoder families
+# kyg is tested with name them: BERT and XLM-R, then DistilBERT.
+LORA_PROJECTIONS = ("attention.self.query", "attention.self.value", "attention.q_lin", "attention.v_lin")
 
 
 class Tagger(nn.Module):
@@ -71,20 +74,22 @@ class Tagger(nn.Module):
 
     def __init__(self, encoder, languages, pe_method="adapter", bottleneck=64):
         super().__init__()
-        hidden = encoder.config.hidden_size
+        config = encoder.config
         self.encoder, self.pe_method = encoder, pe_method
-        self.adapter = Adapter(hidden, bottleneck) if pe_method == "adapter" else nn.Identity()
-        if pe_method == "lora":  # the query and value projections of every layer (Hu et al.), as BERT names them
-            projections = [m for n, m in encoder.named_modules() if n.endswith(("self.query", "self.value"))]
+        self.adapter = Adapter(config.hidden_size, bottleneck) if pe_method == "adapter" else nn.Identity()
+        if pe_method == "lora":
+            projections = [m for n, m in encoder.named_modules() if n.endswith(LORA_PROJECTIONS)]
             if not projections:
-                raise KygError("LoRA needs an encoder whose attention has BERT's query and value projections "
-                               "(attention.self.query, .value); use --pe adapter or bitfit with this model")
+                raise KygError("LoRA needs query and value projections named as BERT or XLM-R (attention.self.query, "
+                               ".value) or DistilBERT (attention.q_lin, .v_lin) name them; use --pe adapter or bitfit")
             for linear in projections:
                 LoRALinear.convert(linear)
-        self.dropout = nn.Dropout(encoder.config.hidden_dropout_prob)
-        self.heads = nn.ModuleDict({lang: nn.Linear(hidden, len(LABELS)) for lang in languages})
+        # f's own dropout rate, before the head: hidden_dropout_prob in BERT and XLM-R, dropout in DistilBERT
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if hasattr(config, "hidden_dropout_prob")
+                                  else config.dropout)
+        self.heads = nn.ModuleDict({lang: nn.Linear(config.hidden_size, len(LABELS)) for lang in languages})
         for head in self.heads.values():
-            nn.init.normal_(head.weight, std=encoder.config.initializer_range)
+            nn.init.normal_(head.weight, std=config.initializer_range)
             nn.init.zeros_(head.bias)
 
     def encode(self, input_ids, attention_mask):

@@ -292,25 +292,31 @@ def table(directory):
 
 
 def pictures(primings, chosen):
-    """{file: (title, x label, y label, {line: [y]})} from the primings {(label, seed): record} and the
-    runs `chosen` on dev: each priming's loss by step, its support loss over the S inner steps (mean
-    of its first and of its last tenth of steps), dev F1 by epoch of adapter tuning after each."""
+    """{file: (title, x label, y label, {panel: {line: [y]}})} from the primings {(label, seed): record}
+    and the runs `chosen` on dev: each priming's loss by step, per batch; its support loss over the S
+    inner steps (mean of its first and of its last tenth of steps, a panel each, so that each has its
+    own scale); dev F1 by epoch of adapter tuning after each."""
     name = {(p, m): row_name for p, m, row_name in ROWS.values() if row_name}
-    loss, inner, tuning = {}, {}, {}
+    loss, inner, tuning = {}, {"first": {}, "last": {}}, {}
     for (label, seed), p in sorted(primings.items()):
         line = f"{name.get((label, 'adapter'), label)}, priming seed {seed}"
-        loss[line], curves = p["loss_by_step"], p.get("support_loss_by_step") or [[]]
+        # A step's loss is summed over its batches: a query batch a task (meta, maml); FT's support and query.
+        batches = len(p["source"]) * (2 if p["method"] == "ft" else 1)
+        loss[line] = [step_loss / batches for step_loss in p["loss_by_step"]]
+        curves = p.get("support_loss_by_step") or [[]]
         tenth = max(1, len(curves) // 10)
         for when, part in [("first", curves[:tenth]), ("last", curves[-tenth:])] if len(curves[0]) > 1 else []:
-            inner[f"{line}: {when} {tenth} steps"] = [statistics.mean(step) for step in zip(*part)]
+            inner[when][f"{line}: {when} {tenth} steps"] = [statistics.mean(step) for step in zip(*part)]
     for (p, m, _), records in sorted(chosen.items()):
         tuning.setdefault(name.get((p, m), f"{p} → {m}"), []).extend(
             r["dev_f1_by_epoch"] for r in records if m == "adapter" and r.get("dev_f1_by_epoch"))
     tuning = {line: [statistics.mean(epoch) for epoch in zip(*runs)] for line, runs in tuning.items() if runs}
-    return {"priming": ("Priming: the loss at every step", "priming step", "loss (meta: query; ft: training)", loss),
-            "inner-loop": ("The inner loop learning to learn: support loss over Algorithm 1's S steps", "inner step",
-                           "support loss before the step", inner),
-            "fine-tuning": ("Adapter tuning after each priming", "epoch", "dev F1 (mean over runs)", tuning)}
+    return {"priming": ("Priming: the loss at every step, as the mean loss of one batch\n(meta: a query batch, after "
+                        "the inner loop; ft: a support or a query batch)", "priming step", "loss per batch", {"": loss}),
+            "inner-loop": ("The inner loop learning to learn: support loss over Algorithm 1's S steps\n"
+                           "(each panel on its own scale)", "inner step", "support loss before the step",
+                           {f"{when} tenth of priming": lines for when, lines in inner.items()}),
+            "fine-tuning": ("Adapter tuning after each priming", "epoch", "dev F1 (mean over runs)", {"": tuning})}
 
 
 def plot(directory, scores, langs, matrices, lines):
@@ -356,15 +362,17 @@ def plot(directory, scores, langs, matrices, lines):
         ax.set(xlabel="fine-tuning", title="average test F1" + (" (boxed: own inner loop)" if name == "figure4-pe"
                                                                  else " (no priming: kyg's row)"))
         save(fig, name)
-    for name, (title, x, y, curves) in lines.items():
-        if not curves:
+    for name, (title, x, y, panels) in lines.items():
+        if not any(panels.values()):
             continue
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for label, ys in curves.items():
-            ax.plot(range(1, len(ys) + 1), ys, marker="o" if len(ys) < 30 else None, label=label)
-        ax.set(title=title, xlabel=x, ylabel=y)
-        ax.xaxis.get_major_locator().set_params(integer=True)  # steps and epochs are whole
-        ax.legend(fontsize=7)
+        fig, axes = plt.subplots(1, len(panels), squeeze=False, figsize=(7 if len(panels) == 1 else 5 * len(panels), 4.3))
+        for ax, (panel, curves) in zip(axes[0], panels.items()):
+            for label, ys in curves.items():
+                ax.plot(range(1, len(ys) + 1), ys, marker="o" if len(ys) < 30 else None, label=label)
+            ax.set(title=panel, xlabel=x, ylabel=y)
+            ax.xaxis.get_major_locator().set_params(integer=True)  # steps and epochs are whole
+            ax.legend(fontsize=7)
+        fig.suptitle(title, fontsize=11)
         save(fig, name)
         drawn.append(name)
     return "kyg: wrote " + ", ".join(f"{directory}/{name}.png" for name in drawn + list(matrices))

@@ -24,6 +24,7 @@ import pytest
 # which PyTorch promises on a CPU and not on CUDA by default. `bash run.sh smoke` checks CUDA end to end.
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 import torch  # noqa: E402  (after hiding CUDA)
+import transformers  # noqa: E402
 
 import data as D
 import kyg
@@ -60,7 +61,16 @@ def any_pe_tagger(tiny, request):
 
 
 def batch_of(tiny, tokenizer, lang, start, size):
-    examples = D.encode(D.load_split(lang, "train", tiny["data"]), tokenizer, 64)[start:start + size]
+    """`size` training sentences of `lang` from `start`, as a batch labelled as data.encode labels
+    (the tag on each word's first sub-word) but here, so that only encode's own check needs it."""
+    sentences = D.load_split(lang, "train", tiny["data"])[start:start + size]
+    encoded = tokenizer([s.words for s in sentences], is_split_into_words=True, truncation=True, max_length=64)
+    examples = []
+    for i, sentence in enumerate(sentences):
+        words = encoded.word_ids(i)
+        labels = [sentence.tags[w] if w is not None and (j == 0 or w != words[j - 1]) else -100
+                  for j, w in enumerate(words)]
+        examples.append(D.Example(encoded["input_ids"][i], labels, [], sentence.tags))
     return D.collate(examples, tokenizer.pad_token_id)
 
 
@@ -72,6 +82,15 @@ def table_rows(directory):
 
 def snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def about(name):
+    """assert_close's msg: the parameter's name, then torch's own report of the mismatch."""
+    return lambda report: f"{name}: {report}"
+
+
+def moved_by(p, before):
+    return f"moved by up to {(p.detach() - before).abs().max().item():.3g}"
 
 
 # ----------------------------------------------------------------------------- data
@@ -129,10 +148,13 @@ def test_hub_path_gives_the_same_examples_as_local_files(tiny, monkeypatch):
     assert asked == [((D.HUB_DATASET, "hi"), {"split": "validation"})]
 
 
-def test_tasks_are_disjoint_support_and_query_one_per_language(tagger, tiny):
-    _, tokenizer = tagger
-    examples = {lang: D.encode(D.load_split(lang, "train", tiny["data"]), tokenizer, 64) for lang in ("en", "es")}
-    sampler = D.TaskSampler(examples, 8, 4, seed=0)
+def eighty_examples_each(languages):
+    """Stand-ins for 80 encoded sentences a language: the sampler only counts and picks them."""
+    return {lang: [D.Example([i], [], [], []) for i in range(80)] for lang in languages}
+
+
+def test_tasks_are_disjoint_support_and_query_one_per_language():
+    sampler = D.TaskSampler(eighty_examples_each(["en", "es"]), 8, 4, seed=0)
     tasks = sampler.sample()
     assert [t[0] for t in tasks] == ["en", "es"]
     for lang, support, query in tasks:
@@ -141,18 +163,17 @@ def test_tasks_are_disjoint_support_and_query_one_per_language(tagger, tiny):
     assert sampler.steps_per_pass() == 80 // 12
 
 
-def test_a_pass_over_the_source_data_draws_each_sentence_once(tagger, tiny):
+def test_a_pass_over_the_source_data_draws_each_sentence_once():
     """Alg. 1, line 7: steps_per_pass() meta-batches see every sentence of a language at most once
     (catches sampling with replacement, or a queue reshuffled before it is used up)."""
-    _, tokenizer = tagger
-    examples = {lang: D.encode(D.load_split(lang, "train", tiny["data"]), tokenizer, 64) for lang in ("en", "es")}
-    sampler = D.TaskSampler(examples, 8, 4, seed=0)
+    sampler = D.TaskSampler(eighty_examples_each(["en", "es"]), 8, 4, seed=0)
     seen = {"en": [], "es": []}
     for _ in range(sampler.steps_per_pass()):
         for lang, support, query in sampler.sample():
             seen[lang] += [id(e) for e in support + query]
     for lang, ids in seen.items():
-        assert len(ids) == len(set(ids)) == sampler.steps_per_pass() * 12, lang
+        assert len(ids) == len(set(ids)) == sampler.steps_per_pass() * 12, \
+            f"{lang}: {len(ids)} drawn, {len(set(ids))} of them different, in {sampler.steps_per_pass()} tasks of 12"
 
 
 @pytest.mark.parametrize("problem, fix", [
@@ -204,20 +225,73 @@ def test_parameter_groups_partition_the_model(tagger):
     assert set(M.named_params(model, "pe", "head")) == {n for n, _ in model.named_parameters() if not n.startswith("encoder.")}
 
 
-# ----------------------------------------------------------------------------- Algorithm 1
+# The tiny BERT's shape and vocabulary in the other encoder families kyg supports.
+TINY_FAMILIES = {
+    "xlm-roberta": lambda vocab: transformers.XLMRobertaConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=66, pad_token_id=0),  # XLM-R's positions start after the padding id
+    "distilbert": lambda vocab: transformers.DistilBertConfig(
+        vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64, pad_token_id=0),
+}
 
-def test_pe_inner_loop_leaves_pretrained_untouched_and_adapts_adapter_and_head(any_pe_tagger, tiny):
-    model, tokenizer = any_pe_tagger
+
+def tiny_encoder_of(family, tiny):
+    """A tiny random encoder of `family`, a model directory with the tiny BERT's tokenizer."""
+    directory = tiny["root"] / family
+    if family == "bert" or directory.exists():
+        return tiny["model"] if family == "bert" else str(directory)
+    shutil.copytree(tiny["model"], directory)  # the tokenizer's files; config and weights are replaced
+    vocab = len((directory / "vocab.txt").read_text(encoding="utf-8").splitlines())
+    torch.manual_seed(0)
+    transformers.AutoModel.from_config(TINY_FAMILIES[family](vocab)).save_pretrained(str(directory))
+    return str(directory)
+
+
+@pytest.mark.parametrize("family", ["bert", *TINY_FAMILIES])
+@pytest.mark.parametrize("pe", M.PE_METHODS)
+def test_each_encoder_family_tags_and_primes_with_each_pe_method(tiny, family, pe):
+    """BERT, XLM-R and DistilBERT, each tiny and random: the tagger loads with each PE method's θa
+    (LoRA's: A and B on the query and the value projection of every layer), and one meta-step
+    moves θp, θa and θh."""
+    torch.manual_seed(0)
+    model, tokenizer = M.load(tiny_encoder_of(family, tiny), ["en", "es"], pe_method=pe)
+    assert type(model.encoder).__name__.lower().startswith(family.replace("-", "")), type(model.encoder)
+    if pe == "lora":
+        layers = model.encoder.config.num_hidden_layers
+        assert len(M.named_params(model, "pe")) == 2 * 2 * layers, list(M.named_params(model, "pe"))
     before = snapshot(model)
-    fast, support_losses = meta.adapt(model, batch_of(tiny, tokenizer, "en", 0, 8), "en", meta.InnerLoop(steps=5))
-    theta_a = {"adapter": "adapter.", "lora": ".lora_", "bitfit": ".bias"}[model.pe_method]
-    assert {n for n in fast if not n.startswith("heads.")} == {n for n in before if theta_a in n and "heads" not in n}
-    assert {n for n in fast if n.startswith("heads.")} == {"heads.en.weight", "heads.en.bias"}
-    for name, p in model.named_parameters():  # the model's own tensors, θp above all, bit-identical
-        assert torch.equal(p, before[name]), name
-    moved = {n for n, p in fast.items() if not torch.equal(p, before[n])}  # θa^i and θh^i moved
-    assert {"heads.en.weight", "heads.en.bias"} <= moved and len(moved) > 2  # (LoRA's A moves below
-    assert support_losses.shape == (5,) and support_losses[-1] < support_losses[0]  # float32's step at first)
+    adamw = torch.optim.AdamW(M.named_params(model, "pretrained", "pe").values(), lr=1e-3)
+    meta.meta_step(model, adamw, constant_lr(adamw), two_tasks(tiny, tokenizer), meta.InnerLoop(steps=2))
+    moved = {M.group_of(n, pe) for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"pretrained", "pe", "head"}, moved
+
+
+def test_a_distilbert_is_primed_and_tuned_from_the_command_line(tiny, tmp_path):
+    """The encoder a student reaches for on a laptop: LoRA priming and tuning of a DistilBERT run,
+    and the primed directory loads as a DistilBERT."""
+    common = ["--model", tiny_encoder_of("distilbert", tiny), "--data-dir", tiny["data"]]
+    kyg.main(["prime", "--method", "meta", "--pe", "lora", "--source", "en", "es", "--steps", "2",
+              "--support-size", "8", "--query-size", "8", "--out", str(tmp_path / "p"), *common])
+    assert type(transformers.AutoModel.from_pretrained(str(tmp_path / "p"))).__name__ == "DistilBertModel"
+    kyg.main(["finetune", "--method", "lora", "--lang", "hi", "--epochs", "1", "--init", str(tmp_path / "p"),
+              "--no-save", "--out", str(tmp_path / "r"), *common])
+    [record] = report.read_results(str(tmp_path / "r"))
+    assert record["priming"] == "meta-lora" and 0 <= record["test_f1"] <= 100, record
+
+
+def test_a_lora_layer_adds_its_scaled_low_rank_update_to_w_x():
+    """LoRA's θa (Hu et al.): with B ≠ 0, a layer computes W x + (α/r)·B A x, α/r = 16/8 = 2.
+    Catches the update without its scale α/r, and W x left out."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(12, 10)
+    weight, bias = linear.weight.detach().clone(), linear.bias.detach().clone()
+    M.LoRALinear.convert(linear)
+    with torch.no_grad():
+        linear.lora_b.normal_()  # B starts at 0, where the update vanishes whatever its form
+    x = torch.randn(3, 5, 12)
+    low_rank = x @ linear.lora_a.detach().T @ linear.lora_b.detach().T
+    torch.testing.assert_close(linear(x).detach(), x @ weight.T + bias + 2 * low_rank,
+                               msg=lambda report: f"W x + (α/r)·B A x with α/r = 2: {report}")
 
 
 def test_a_fresh_lora_changes_nothing_and_sits_in_theta_a(tiny):
@@ -236,15 +310,54 @@ def test_a_fresh_lora_changes_nothing_and_sits_in_theta_a(tiny):
     assert not lora.trunk_is_fixed_by_pretrained  # θa inside the trunk: no cached-trunk shortcut
 
 
+# ----------------------------------------------------------------------------- Algorithm 1
+
+@pytest.mark.parametrize("variant", ["meta", "maml"])
+def test_the_inner_loops_copies_are_leaves_that_share_nothing_with_theta(any_pe_tagger, variant):
+    """Alg. 1, line 9: θ^i = θ for what the inner loop updates (θa, the task's θh; in "maml" θp too),
+    each a copy of its own: equal to θ, a leaf of no graph, in storage of its own, so that neither a
+    step on it nor a gradient through it reaches θ. Catches a copy still on θ's graph (clone()
+    without detach()), one sharing θ's storage (detach() without clone()), θ's own tensor, and θp
+    copied in the "meta" loop, whose θp must be the model's own (its meta-gradient lands there)."""
+    model, _ = any_pe_tagger
+    copies = meta.inner_loop_copies(model, "en", variant)
+    updated = ("pretrained", "pe", "head") if variant == "maml" else ("pe", "head")
+    assert set(copies) == set(M.named_params(model, *updated, lang="en"))
+    for name, theta_i in copies.items():
+        theta = model.get_parameter(name)
+        assert torch.equal(theta_i, theta), f"{name} {moved_by(theta_i, theta)}"
+        assert theta_i.is_leaf and theta_i.requires_grad, \
+            f"{name}: is_leaf {theta_i.is_leaf}, requires_grad {theta_i.requires_grad}, " \
+            f"grad_fn {theta_i.grad_fn and type(theta_i.grad_fn).__name__}"
+        assert theta_i.untyped_storage().data_ptr() != theta.untyped_storage().data_ptr(), f"{name} shares θ's storage"
+    sum(theta_i.sum() for theta_i in copies.values()).backward()
+    reached = [name for name in copies if model.get_parameter(name).grad is not None]
+    assert not reached, f"a gradient through the copies reached θ itself: {reached}"
+
+
+def test_pe_inner_loop_leaves_pretrained_untouched_and_adapts_adapter_and_head(any_pe_tagger, tiny):
+    model, tokenizer = any_pe_tagger
+    before = snapshot(model)
+    fast, support_losses = meta.adapt(model, batch_of(tiny, tokenizer, "en", 0, 8), "en", meta.InnerLoop(steps=5))
+    theta_a = {"adapter": "adapter.", "lora": ".lora_", "bitfit": ".bias"}[model.pe_method]
+    assert {n for n in fast if not n.startswith("heads.")} == {n for n in before if theta_a in n and "heads" not in n}
+    assert {n for n in fast if n.startswith("heads.")} == {"heads.en.weight", "heads.en.bias"}
+    for name, p in model.named_parameters():  # the model's own tensors, θp above all, bit-identical
+        assert torch.equal(p, before[name]), f"{name} {moved_by(p, before[name])}"
+    moved = {n for n, p in fast.items() if not torch.equal(p, before[n])}  # θa^i and θh^i moved
+    assert {"heads.en.weight", "heads.en.bias"} <= moved and len(moved) > 2, moved  # (LoRA's A moves below
+    assert support_losses.shape == (5,) and support_losses[-1] < support_losses[0], support_losses  # float32's step at first)
+
+
 def test_maml_inner_loop_changes_pretrained_only_in_the_clone(tagger, tiny):
     model, tokenizer = tagger
     before = snapshot(model)
     fast, _ = meta.adapt(model, batch_of(tiny, tokenizer, "en", 0, 8), "en", meta.InnerLoop("maml", steps=2, lr=1e-2))
     assert {M.group_of(n) for n in fast} == {"pretrained", "pe", "head"}
     moved = [n for n, p in fast.items() if M.group_of(n) == "pretrained" and not torch.equal(p, before[n])]
-    assert len(moved) > 10  # θp^i is updated by the red line ...
+    assert len(moved) > 10, moved  # θp^i is updated by the red line ...
     for name, p in model.named_parameters():  # ... and θp itself is not
-        assert torch.equal(p, before[name]), name
+        assert torch.equal(p, before[name]), f"{name} {moved_by(p, before[name])}"
 
 
 def test_cached_trunk_inner_loop_equals_the_line_by_line_loop(tagger, tiny):
@@ -254,18 +367,18 @@ def test_cached_trunk_inner_loop_equals_the_line_by_line_loop(tagger, tiny):
     line_by_line, line_losses = meta.adapt(model, support, "en", meta.InnerLoop(cache_trunk=False))
     assert cached.keys() == line_by_line.keys()
     for name in cached:
-        torch.testing.assert_close(cached[name], line_by_line[name], rtol=0, atol=1e-6)
-    torch.testing.assert_close(cached_losses, line_losses, rtol=0, atol=1e-6)
+        torch.testing.assert_close(cached[name], line_by_line[name], rtol=0, atol=1e-6, msg=about(name))
+    torch.testing.assert_close(cached_losses, line_losses, rtol=0, atol=1e-6, msg=about("support curve"))
 
 
 def constant_lr(optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def by_hand(model, support, query, lang, inner_steps, alpha, red_line=False):
-    """Alg. 1 for one task written out on a deep copy, independently of meta.py: S steps of plain
-    SGD on θa^i and θh^i (and, on the red line, θp^i), each at the gradient of that step, then the
-    query loss's gradient at θ^i. Returns it for θp and θa: the first-order meta-gradient."""
+def inner_loop_by_hand(model, support, lang, inner_steps, alpha, red_line=False):
+    """Alg. 1, lines 9-12 for one task written out on a deep copy, independently of meta.py: S steps
+    of plain SGD on θa^i and θh^i (and, on the red line, θp^i), each at the gradient of that step.
+    Returns the copy, θ^i."""
     hand = copy.deepcopy(model)
     inner = [p for n, p in hand.named_parameters() if n.startswith(f"heads.{lang}.") or
              M.group_of(n, hand.pe_method) == "pe" or (red_line and M.group_of(n, hand.pe_method) == "pretrained")]
@@ -275,48 +388,108 @@ def by_hand(model, support, query, lang, inner_steps, alpha, red_line=False):
         with torch.no_grad():
             for p, g in zip(inner, grads):
                 p -= alpha * g
+    return hand
+
+
+def by_hand(model, support, query, lang, inner_steps, alpha, red_line=False):
+    """Alg. 1 for one task, by hand: the inner loop (inner_loop_by_hand), then the query loss's
+    gradient at θ^i. Returns it for θp and θa: the first-order meta-gradient."""
+    hand = inner_loop_by_hand(model, support, lang, inner_steps, alpha, red_line)
     M.token_loss(hand(lang, query["input_ids"], query["attention_mask"]), query["labels"]).backward()
     return {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in hand.named_parameters()
             if not n.startswith("heads.")}
 
 
-def change_under_sgd(model, tasks, inner_steps, alpha, variant="meta"):
-    """θ before − θ after one meta_step with plain SGD at learning rate 1: the meta-gradient it applied."""
-    before = snapshot(model)
-    meta_params = M.named_params(model, "pretrained", "pe")
-    sgd = torch.optim.SGD(meta_params.values(), lr=1.0)
-    meta.meta_step(model, sgd, constant_lr(sgd), tasks, meta.InnerLoop(variant, inner_steps, alpha))
-    return {n: before[n] - p.detach() for n, p in meta_params.items()}
+@pytest.mark.parametrize("variant", ["meta", "maml"])
+def test_the_inner_loop_takes_s_steps_of_sgd_each_at_its_own_gradient(any_pe_tagger, tiny, variant):
+    """Alg. 1, lines 10-11, first order, S = 3: θ^i after adapt() is θ^i stepped by hand. Catches a
+    step that reuses the first step's gradient, and one that leaves θh^i (or θp^i) where it was."""
+    model, tokenizer = any_pe_tagger
+    support = batch_of(tiny, tokenizer, "en", 0, 8)
+    fast, _ = meta.adapt(model, support, "en", meta.InnerLoop(variant, steps=3, lr=1e-2))
+    hand = inner_loop_by_hand(model, support, "en", 3, 1e-2, red_line=variant == "maml")
+    for name, p in fast.items():
+        torch.testing.assert_close(p.detach(), hand.get_parameter(name).detach(), rtol=1e-4, atol=1e-6, msg=about(name))
+
+
+def test_the_inner_loops_first_support_loss_is_the_loss_at_theta(any_pe_tagger, tiny):
+    """The support curve holds the loss before each inner step, so it starts at L(f_θ, 𝒟tr), the
+    model's own loss (catches the loss recorded after each step instead)."""
+    model, tokenizer = any_pe_tagger
+    support = batch_of(tiny, tokenizer, "en", 0, 8)
+    at_theta = M.token_loss(model("en", support["input_ids"], support["attention_mask"]), support["labels"]).item()
+    _, support_losses = meta.adapt(model, support, "en", meta.InnerLoop(steps=3))
+    assert support_losses[0].item() == pytest.approx(at_theta, rel=1e-6), \
+        f"support curve {support_losses.tolist()}, loss at θ {at_theta}"
 
 
 def two_tasks(tiny, tokenizer):
     return [(lang, batch_of(tiny, tokenizer, lang, 0, 8), batch_of(tiny, tokenizer, lang, 8, 8)) for lang in ("en", "es")]
 
 
+def added_meta_gradient(model, tasks, inner):
+    """.grad of θp and θa after adapt() and add_meta_gradient() for each task in turn, from none."""
+    for lang, support, query in tasks:
+        fast, _ = meta.adapt(model, support, lang, inner)
+        meta.add_meta_gradient(model, fast, query, lang, inner)
+    return {n: p.grad if p.grad is not None else torch.zeros_like(p)
+            for n, p in M.named_params(model, "pretrained", "pe").items()}
+
+
 def test_first_order_meta_gradient_is_the_query_gradient_at_the_adapted_parameters(any_pe_tagger, tiny):
-    """Lines 10-11 and 14 for one task, S = 3: catches an inner loop that reuses its first step's
-    gradient at every step, and a meta-gradient taken at θ instead of at θ^i."""
+    """Line 14 for one task, S = 3: what reaches .grad of θp and θa is the gradient of the query loss
+    at θ^i. Catches a meta-gradient taken at θ instead, and θa's left in the copies."""
     model, tokenizer = any_pe_tagger
     [task] = two_tasks(tiny, tokenizer)[:1]
     expected = by_hand(model, *task[1:], "en", inner_steps=3, alpha=0.03)
-    applied = change_under_sgd(model, [task], inner_steps=3, alpha=0.03)
+    added = added_meta_gradient(model, [task], meta.InnerLoop(steps=3, lr=0.03))
     for name, grad in expected.items():
-        torch.testing.assert_close(applied[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(added[name], grad, rtol=1e-4, atol=1e-6, msg=about(name))
     assert any(expected[n].abs().sum() > 0 for n in expected if M.group_of(n, model.pe_method) == "pretrained")
 
 
 def test_the_meta_gradient_of_a_batch_of_tasks_is_the_sum_of_each_tasks(any_pe_tagger, tiny):
-    """Line 14's Σ over 𝒯i: with plain SGD at lr 1, θp and θa move by g(en) + g(es), each computed
-    by hand. Catches a gradient overwritten by the next task, averaged, or stepped per task."""
+    """Line 14's Σ over 𝒯i: task after task, .grad of θp and θa holds g(en) + g(es), each computed
+    by hand. Catches a gradient overwritten by the next task's, or one of the tasks' dropped."""
     model, tokenizer = any_pe_tagger
     tasks = two_tasks(tiny, tokenizer)
     expected = [by_hand(model, support, query, lang, inner_steps=2, alpha=0.03) for lang, support, query in tasks]
-    applied = change_under_sgd(model, tasks, inner_steps=2, alpha=0.03)
-    for name in applied:
-        torch.testing.assert_close(applied[name], expected[0][name] + expected[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    added = added_meta_gradient(model, tasks, meta.InnerLoop(steps=2, lr=0.03))
+    for name in added:
+        torch.testing.assert_close(added[name], expected[0][name] + expected[1][name], rtol=1e-4, atol=1e-6,
+                                   msg=about(name))
 
 
-def test_a_meta_step_starts_from_zero_gradients_and_steps_optimizer_and_schedule_once(tagger, tiny):
+def test_the_maml_loops_meta_gradient_reaches_theta_p_through_its_adapted_copy(tagger, tiny):
+    """Row 6, the red line, first order: S steps of SGD on all of θ in a copy, then the query
+    gradient at the copy, for θp as for θa. Catches a line 14 that drops the θp gradients living
+    in the inner copies (row 6 would silently become adapter-only priming)."""
+    model, tokenizer = tagger
+    tasks = two_tasks(tiny, tokenizer)
+    expected = [by_hand(model, s, q, lang, inner_steps=2, alpha=1e-2, red_line=True) for lang, s, q in tasks]
+    added = added_meta_gradient(model, tasks, meta.InnerLoop("maml", steps=2, lr=1e-2))
+    for name in added:
+        torch.testing.assert_close(added[name], expected[0][name] + expected[1][name], rtol=1e-4, atol=1e-6,
+                                   msg=about(name))
+    assert any(added[n].abs().sum() > 0 for n in added if M.group_of(n) == "pretrained")
+
+
+def test_meta_step_moves_theta_p_and_theta_a_by_the_sum_of_the_tasks_gradients(tagger, tiny):
+    """Line 14 as a whole: one meta-step with plain SGD at lr 1 moves θp and θa by minus the sum of
+    the tasks' meta-gradients, each computed by hand (catches an optimizer step per task)."""
+    model, tokenizer = tagger
+    tasks = two_tasks(tiny, tokenizer)
+    expected = [by_hand(model, support, query, lang, inner_steps=2, alpha=0.03) for lang, support, query in tasks]
+    before = snapshot(model)
+    meta_params = M.named_params(model, "pretrained", "pe")
+    sgd = torch.optim.SGD(meta_params.values(), lr=1.0)
+    meta.meta_step(model, sgd, constant_lr(sgd), tasks, meta.InnerLoop(steps=2, lr=0.03))
+    for name, p in meta_params.items():
+        torch.testing.assert_close(before[name] - p.detach(), expected[0][name] + expected[1][name], rtol=1e-4,
+                                   atol=1e-6, msg=about(name))
+
+
+def test_meta_step_starts_from_zero_gradients_and_steps_optimizer_and_schedule_once(tagger, tiny):
     """Line 14 is one update per meta-step: a second meta-step at lr 0 leaves in .grad exactly what
     the same step leaves from fresh gradients (catches a missing zero_grad), and the optimizer and
     the scheduler step once per meta-step, not once per task."""
@@ -327,7 +500,7 @@ def test_a_meta_step_starts_from_zero_gradients_and_steps_optimizer_and_schedule
     sgd.register_step_post_hook(lambda *_: steps.append("optimizer"))
     scheduler = constant_lr(sgd)
     meta.meta_step(model, sgd, scheduler, tasks, meta.InnerLoop(steps=2))
-    assert steps == ["optimizer"] and scheduler.last_epoch == 1
+    assert steps == ["optimizer"] and scheduler.last_epoch == 1, (steps, scheduler.last_epoch)
     fresh = copy.deepcopy(model)  # θh is now θh^1 (line 15); θp and θa did not move at lr 0
     meta.meta_step(model, sgd, scheduler, tasks, meta.InnerLoop(steps=2))
     fresh_sgd = torch.optim.SGD(M.named_params(fresh, "pretrained", "pe").values(), lr=0.0)
@@ -336,21 +509,49 @@ def test_a_meta_step_starts_from_zero_gradients_and_steps_optimizer_and_schedule
     meta.meta_step(fresh, fresh_sgd, constant_lr(fresh_sgd), tasks, meta.InnerLoop(steps=2))
     for (name, p), q in zip(M.named_params(model, "pretrained", "pe").items(),
                             M.named_params(fresh, "pretrained", "pe").values()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-7, msg=name)
-    assert steps == ["optimizer"] * 2 and scheduler.last_epoch == 2
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-7, msg=about(name))
+    assert steps == ["optimizer"] * 2 and scheduler.last_epoch == 2, (steps, scheduler.last_epoch)
 
 
-def test_the_maml_loops_meta_gradient_reaches_theta_p_through_its_adapted_copy(tagger, tiny):
-    """Row 6, the red line, first order: S steps of SGD on all of θ in a copy, then the query
-    gradient at the copy, for θp as for θa. Catches a meta_step that drops the θp gradients living
-    in the inner copies (row 6 would silently become adapter-only priming)."""
+def test_meta_step_returns_the_summed_query_loss_and_the_mean_support_curve(tagger, tiny):
+    """What prime() records of a meta-step: the query loss at θ^i summed over its tasks (line 14's Σ)
+    and the support curve averaged over them, each task's as adapt() gives it. Catches the curves
+    summed, or the query losses averaged."""
     model, tokenizer = tagger
-    tasks = two_tasks(tiny, tokenizer)
-    expected = [by_hand(model, s, q, lang, inner_steps=2, alpha=1e-2, red_line=True) for lang, s, q in tasks]
-    applied = change_under_sgd(model, tasks, inner_steps=2, alpha=1e-2, variant="maml")
-    for name in applied:
-        torch.testing.assert_close(applied[name], expected[0][name] + expected[1][name], rtol=1e-4, atol=1e-6, msg=name)
-    assert any(applied[n].abs().sum() > 0 for n in applied if M.group_of(n) == "pretrained")
+    tasks, inner = two_tasks(tiny, tokenizer), meta.InnerLoop(steps=3)
+    curves, query_losses = [], []
+    for lang, support, query in tasks:
+        fast, curve = meta.adapt(model, support, lang, inner)
+        curves.append(curve)
+        query_losses.append(meta.task_loss(model, fast, query, lang).item())
+    sgd = torch.optim.SGD(M.named_params(model, "pretrained", "pe").values(), lr=0.0)
+    query_loss, support_curve = meta.meta_step(model, sgd, constant_lr(sgd), tasks, inner)
+    assert query_loss == pytest.approx(sum(query_losses), rel=1e-6), f"{query_loss}, the tasks' {query_losses}"
+    torch.testing.assert_close(torch.tensor(support_curve), torch.stack(curves).mean(0),
+                               msg=lambda report: f"the tasks' curves {[c.tolist() for c in curves]}: {report}")
+
+
+def test_meta_step_sets_each_head_to_its_first_task_adapted_head_and_moves_theta(tagger, tiny):
+    """Line 15, θh = θh¹, with a head per language: each head is the one its language's first task
+    adapted, not a later task's (catches the last task's head kept)."""
+    model, tokenizer = tagger
+    tasks = [("en", batch_of(tiny, tokenizer, "en", 0, 8), batch_of(tiny, tokenizer, "en", 8, 8)),
+             ("en", batch_of(tiny, tokenizer, "en", 16, 8), batch_of(tiny, tokenizer, "en", 24, 8)),
+             ("es", batch_of(tiny, tokenizer, "es", 0, 8), batch_of(tiny, tokenizer, "es", 8, 8))]
+    first_en, _ = meta.adapt(model, tasks[0][1], "en", meta.InnerLoop())
+    second_en, _ = meta.adapt(model, tasks[1][1], "en", meta.InnerLoop())
+    first_es, _ = meta.adapt(model, tasks[2][1], "es", meta.InnerLoop())
+    before = snapshot(model)
+    adamw = torch.optim.AdamW(M.named_params(model, "pretrained", "pe").values(), lr=1e-3)
+    meta.meta_step(model, adamw, constant_lr(adamw), tasks, meta.InnerLoop())
+    for name, p in model.named_parameters():
+        if name.startswith("heads.en."):
+            torch.testing.assert_close(p.detach(), first_en[name], rtol=0, atol=1e-7, msg=about(name))
+            assert not torch.allclose(p, second_en[name]), f"{name} is the second en task's head"
+        elif name.startswith("heads.es."):
+            torch.testing.assert_close(p.detach(), first_es[name], rtol=0, atol=1e-7, msg=about(name))
+    moved = {M.group_of(n) for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"pretrained", "pe", "head"}, moved
 
 
 def meta_gradient(model, tasks, inner_steps, second_order):
@@ -388,7 +589,7 @@ def test_second_order_meta_gradient_is_the_gradient_through_the_inner_steps(tagg
     second = meta_gradient(model, [("en", support, query)], 3, second_order=True)
     first = meta_gradient(model, [("en", support, query)], 3, second_order=False)
     for name in exact:
-        torch.testing.assert_close(second[name], exact[name], rtol=0, atol=1e-10, msg=name)
+        torch.testing.assert_close(second[name], exact[name], rtol=0, atol=1e-10, msg=about(name))
     gap = max((first[n] - exact[n]).abs().max().item() for n in exact)
     assert gap > 1e-5  # first order is an approximation, and a visible one
     assert any(exact[n].abs().max() > 0 for n in exact if n.startswith("encoder."))
@@ -428,28 +629,7 @@ def test_second_order_meta_gradient_of_a_batch_of_tasks_is_the_sum_of_each_tasks
     exact = [unrolled_meta_gradient(model, support, query, lang, inner_steps=2, lr=0.03) for lang, support, query in tasks]
     second = meta_gradient(model, tasks, 2, second_order=True)
     for name in second:
-        torch.testing.assert_close(second[name], exact[0][name] + exact[1][name], rtol=0, atol=1e-10, msg=name)
-
-
-def test_meta_step_sets_each_head_to_its_first_task_adapted_head_and_moves_theta(tagger, tiny):
-    model, tokenizer = tagger
-    tasks = [("en", batch_of(tiny, tokenizer, "en", 0, 8), batch_of(tiny, tokenizer, "en", 8, 8)),
-             ("en", batch_of(tiny, tokenizer, "en", 16, 8), batch_of(tiny, tokenizer, "en", 24, 8)),
-             ("es", batch_of(tiny, tokenizer, "es", 0, 8), batch_of(tiny, tokenizer, "es", 8, 8))]
-    first_en, _ = meta.adapt(model, tasks[0][1], "en", meta.InnerLoop())
-    second_en, _ = meta.adapt(model, tasks[1][1], "en", meta.InnerLoop())
-    first_es, _ = meta.adapt(model, tasks[2][1], "es", meta.InnerLoop())
-    before = snapshot(model)
-    adamw = torch.optim.AdamW(M.named_params(model, "pretrained", "pe").values(), lr=1e-3)
-    meta.meta_step(model, adamw, constant_lr(adamw), tasks, meta.InnerLoop())
-    for name, p in model.named_parameters():
-        if name.startswith("heads.en."):
-            torch.testing.assert_close(p.detach(), first_en[name], rtol=0, atol=1e-7)
-            assert not torch.allclose(p, second_en[name])
-        elif name.startswith("heads.es."):
-            torch.testing.assert_close(p.detach(), first_es[name], rtol=0, atol=1e-7)
-    moved = {M.group_of(n) for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert moved == {"pretrained", "pe", "head"}
+        torch.testing.assert_close(second[name], exact[0][name] + exact[1][name], rtol=0, atol=1e-10, msg=about(name))
 
 
 def test_fine_tuning_priming_updates_every_group(tagger, tiny):
@@ -475,7 +655,7 @@ def test_fine_tuning_priming_steps_on_the_support_and_query_loss_together(tagger
     sgd = torch.optim.SGD(model.parameters(), lr=1.0)
     meta.fine_tune_step(model, sgd, constant_lr(sgd), tasks)
     for (name, p), q in zip(model.named_parameters(), hand.parameters()):
-        torch.testing.assert_close(before[name] - p.detach(), q.grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(before[name] - p.detach(), q.grad, rtol=1e-4, atol=1e-6, msg=about(name))
 
 
 def test_meta_priming_lowers_the_query_loss(tagger, tiny):
@@ -590,8 +770,9 @@ def test_the_table_shows_each_primings_loss_over_its_steps(tmp_path):
     for priming, seed, curve in (("ft-head0.001", 1, [float(x) for x in range(20, 0, -1)]), ("meta", 2, [3.0]),
                                  ("ft", 1, None)):
         report.append_result(str(tmp_path), {"priming": priming, "method": "adapter", "lang": "hi", "seed": 1,
-                                          "test_f1": 50.0, "priming_config": {"seed": seed, "loss_by_step": curve,
-                                                                              "seconds": 120.0}})
+                                          "test_f1": 50.0, "priming_config": {
+                                              "method": priming.split("-")[0], "source": ["en", "es"], "seed": seed,
+                                              "loss_by_step": curve, "seconds": 120.0}})
     kyg.main(["table", str(tmp_path)])
     rows = table_rows(tmp_path)
     assert rows["| ft-head0.001 (1)"] == ["19.500", "17.500", "15.500", "13.500", "11.500", "9.500", "7.500",
@@ -617,17 +798,20 @@ def test_the_pictures_of_priming_at_work_plot_the_records(tiny, tmp_path):
     chosen = {(r["priming"], r["method"], r["lang"]): [x for x in results if x["priming"] == r["priming"]]
               for r in results}
     primings = {(r["priming"], r["priming_config"]["seed"]): r["priming_config"] for r in results if r["priming_config"]}
-    data = {name: curves for name, (_, _, _, curves) in report.pictures(primings, chosen).items()}
+    data = {name: panels for name, (_, _, _, panels) in report.pictures(primings, chosen).items()}
     meta_record, ft_record = (M.read_priming(str(tmp_path / m)) for m in ("meta", "ft"))
-    assert data["priming"] == {"4/Meta Priming → AT, priming seed 1": meta_record["loss_by_step"],
-                               "5/FT Priming → AT, priming seed 1": ft_record["loss_by_step"]}
+    # Per batch, so that the heights compare: a meta-step's loss sums 2 query batches (en, es), FT's 4.
+    assert data["priming"] == {"": {
+        "4/Meta Priming → AT, priming seed 1": pytest.approx([loss / 2 for loss in meta_record["loss_by_step"]]),
+        "5/FT Priming → AT, priming seed 1": pytest.approx([loss / 4 for loss in ft_record["loss_by_step"]])}}
     curves = meta_record["support_loss_by_step"]
     assert len(curves) == 20 and all(len(c) == 5 for c in curves) and ft_record["support_loss_by_step"] is None
     mean = lambda rows: [sum(c[s] for c in rows) / len(rows) for s in range(5)]
-    assert data["inner-loop"] == {"4/Meta Priming → AT, priming seed 1: first 2 steps": pytest.approx(mean(curves[:2])),
-                                  "4/Meta Priming → AT, priming seed 1: last 2 steps": pytest.approx(mean(curves[-2:]))}
+    assert data["inner-loop"] == {  # early and late, each in a panel of its own scale
+        "first tenth of priming": {"4/Meta Priming → AT, priming seed 1: first 2 steps": pytest.approx(mean(curves[:2]))},
+        "last tenth of priming": {"4/Meta Priming → AT, priming seed 1: last 2 steps": pytest.approx(mean(curves[-2:]))}}
     name = {"none": "3/AT", "meta": "4/Meta Priming → AT", "ft": "5/FT Priming → AT"}
-    assert data["fine-tuning"] == {name[p]: pytest.approx([(a + b) / 2 for a, b in zip(*runs[p])]) for p in name}
+    assert data["fine-tuning"] == {"": {name[p]: pytest.approx([(a + b) / 2 for a, b in zip(*runs[p])]) for p in name}}
     assert all(len(epochs) == 3 for runs_of in runs.values() for epochs in runs_of)
     if importlib.util.find_spec("matplotlib"):  # CI installs it; the table draws no figure without it
         for picture in ("priming", "inner-loop", "fine-tuning"):
