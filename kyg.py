@@ -461,6 +461,21 @@ def score(model, lang, split, to_device, batch_size):
     return f1(gold, predicted)
 
 
+def trainable_params(model, method):
+    """{name: parameter} of what `method` tunes, left the only parameters that require gradients."""
+    trainable = M.named_params(model.requires_grad_(False), *TRAINED.get(method, ("pe", "head")))
+    for p in trainable.values():
+        p.requires_grad_()
+    return trainable
+
+
+def fine_tuning_optimizer(params, lr, steps, schedule):
+    """(AdamW at `lr`, its schedule over `steps`: a linear decay to 0, or constant)."""
+    optimizer = torch.optim.AdamW(params, lr=lr, fused=next(iter(params)).is_cuda)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 1 - step / steps if schedule == "linear" else 1.0)
+
+
 def fine_tune(args, priming, config, name, language, device):
     """One run: tune, keep the epoch with the best dev F1, score it on test, append the record."""
     lang, lr, seed = config["lang"], config["lr"], config["seed"]
@@ -468,16 +483,12 @@ def fine_tune(args, priming, config, name, language, device):
     model = tagger(args, priming, language.encoder, lang)
     for part in [model] if language.train.features is None else [model.adapter, model.heads]:  # f runs, or not
         part.to(device)
-    trainable = M.named_params(model.requires_grad_(False), *TRAINED.get(args.method, ("pe", "head")))
-    for p in trainable.values():
-        p.requires_grad_()
+    trainable = trainable_params(model, args.method)
     trained, total = sum(p.numel() for p in trainable.values()), sum(p.numel() for p in model.parameters())
     print(f"kyg: {args.method} fine-tuning updates {trained:,} of {total:,} parameters ({100 * trained / total:.3g}%)")
     to_device = to_device_fn(language.tokenizer, device)
-    optimizer = torch.optim.AdamW(trainable.values(), lr=lr, fused=device.type == "cuda")
     steps = args.epochs * math.ceil(len(language.train.examples) / args.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(  # a linear decay to 0, or constant
-        optimizer, lambda step: 1 - step / steps if config["schedule"] == "linear" else 1.0)
+    optimizer, scheduler = fine_tuning_optimizer(trainable.values(), lr, steps, config["schedule"])
     rng = random.Random(seed)
 
     started, dev_by_epoch, best = time.time(), [], (-1.0, 0, None)  # (dev F1, epoch, trained state)
