@@ -2,9 +2,11 @@
 
     python -m pytest -q test_kyg.py
 
-Each test asserts one property of the method or of the tools around it: label alignment,
-θp untouched by the inner loop, the first-order meta-gradient, θh = θh¹, the cached trunk,
-entity-level F1, clear errors on bad input, and every Table 1 row from the command line.
+    python -m pytest -q test_kyg.py -m "not slow"   # without those that start processes
+
+Each test asserts one property of the method or of the tools around it. They are grouped by what
+they specify, in this order: data; the model and θ's groups; Algorithm 1, line by line; priming;
+fine-tuning; the table; the command line; reliability. Shared fixtures and helpers come first.
 """
 import copy
 import gzip
@@ -31,6 +33,7 @@ import kyg
 import meta
 import model as M
 import report
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -93,7 +96,45 @@ def moved_by(p, before):
     return f"moved by up to {(p.detach() - before).abs().max().item():.3g}"
 
 
-# ----------------------------------------------------------------------------- data
+def tiny_encoder_of(family, tiny):
+    """A tiny random encoder of `family`, a model directory with the tiny BERT's tokenizer."""
+    directory = tiny["root"] / family
+    if family == "bert" or directory.exists():
+        return tiny["model"] if family == "bert" else str(directory)
+    shutil.copytree(tiny["model"], directory)  # the tokenizer's files; config and weights are replaced
+    vocab = len((directory / "vocab.txt").read_text(encoding="utf-8").splitlines())
+    torch.manual_seed(0)
+    transformers.AutoModel.from_config(TINY_FAMILIES[family](vocab)).save_pretrained(str(directory))
+    return str(directory)
+
+
+WITHOUT_FCNTL = "import sys\nsys.modules['fcntl'] = None  # as on Windows: no Unix locks\n"
+
+
+def kyg_process(*args):
+    """`python kyg.py ARGS` as a process of its own, offline, its output captured as text."""
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "kyg.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def run_kyg(*args):
+    """kyg_process(ARGS) waited for: its returncode, stdout and stderr."""
+    process = kyg_process(*args)
+    out, err = process.communicate()
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def start_and_kill(args, done):
+    """Start `kyg.py args`, SIGKILL it as soon as done() is true, and check it was killed mid-run."""
+    process = kyg_process(*args)
+    while not done() and process.poll() is None:
+        time.sleep(0.005)
+    process.kill()
+    assert process.wait() == -signal.SIGKILL  # killed, not finished
+
+
+# ---------------------------------------- data: reading WikiAnn, labels on sub-words, entity-level F1
+
 
 def test_labels_sit_on_the_first_subword_only(tagger):
     _, tokenizer = tagger
@@ -148,34 +189,6 @@ def test_hub_path_gives_the_same_examples_as_local_files(tiny, monkeypatch):
     assert asked == [((D.HUB_DATASET, "hi"), {"split": "validation"})]
 
 
-def eighty_examples_each(languages):
-    """Stand-ins for 80 encoded sentences a language: the sampler only counts and picks them."""
-    return {lang: [D.Example([i], [], [], []) for i in range(80)] for lang in languages}
-
-
-def test_tasks_are_disjoint_support_and_query_one_per_language():
-    sampler = D.TaskSampler(eighty_examples_each(["en", "es"]), 8, 4, seed=0)
-    tasks = sampler.sample()
-    assert [t[0] for t in tasks] == ["en", "es"]
-    for lang, support, query in tasks:
-        assert len(support) == 8 and len(query) == 4
-        assert not {id(e) for e in support} & {id(e) for e in query}
-    assert sampler.steps_per_pass() == 80 // 12
-
-
-def test_a_pass_over_the_source_data_draws_each_sentence_once():
-    """Alg. 1, line 7: steps_per_pass() meta-batches see every sentence of a language at most once
-    (catches sampling with replacement, or a queue reshuffled before it is used up)."""
-    sampler = D.TaskSampler(eighty_examples_each(["en", "es"]), 8, 4, seed=0)
-    seen = {"en": [], "es": []}
-    for _ in range(sampler.steps_per_pass()):
-        for lang, support, query in sampler.sample():
-            seen[lang] += [id(e) for e in support + query]
-    for lang, ids in seen.items():
-        assert len(ids) == len(set(ids)) == sampler.steps_per_pass() * 12, \
-            f"{lang}: {len(ids)} drawn, {len(set(ids))} of them different, in {sampler.steps_per_pass()} tasks of 12"
-
-
 @pytest.mark.parametrize("problem, fix", [
     ("unknown language", "has en, es, hi"),
     ("missing file", "every language needs train, dev and test"),
@@ -198,6 +211,10 @@ def test_bad_data_raises_one_clear_error(tiny, tmp_path, problem, fix):
         D.load_split(lang, "dev", str(tmp_path / "d"))
 
 
+# ---------------------------------------- the model and θ's groups: θp, θa (adapter, LoRA, BitFit), θh;
+# loading and primed directories
+
+
 def test_model_without_tokenizer_raises_one_clear_error(tiny, tmp_path):
     shutil.copytree(tiny["model"], tmp_path / "m")
     for name in os.listdir(tmp_path / "m"):
@@ -206,16 +223,6 @@ def test_model_without_tokenizer_raises_one_clear_error(tiny, tmp_path):
     with pytest.raises(report.KygError, match=r"tokenizer.*; save one beside the weights"):  # wording: by version
         M.load(str(tmp_path / "m"), ["hi"])
 
-
-def test_command_line_errors_are_one_line_without_traceback(tiny, tmp_path):
-    result = run_kyg("finetune", "--method", "adapter", "--lang", "xx", "--model", tiny["model"],
-                     "--data-dir", tiny["data"], "--out", str(tmp_path))
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines() == ["kyg: error: unknown language 'xx': "
-                                                  f"{tiny['data']} has en, es, hi"]
-
-
-# ----------------------------------------------------------------------------- model
 
 def test_parameter_groups_partition_the_model(tagger):
     model, _ = tagger
@@ -233,18 +240,6 @@ TINY_FAMILIES = {
     "distilbert": lambda vocab: transformers.DistilBertConfig(
         vocab_size=vocab, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64, pad_token_id=0),
 }
-
-
-def tiny_encoder_of(family, tiny):
-    """A tiny random encoder of `family`, a model directory with the tiny BERT's tokenizer."""
-    directory = tiny["root"] / family
-    if family == "bert" or directory.exists():
-        return tiny["model"] if family == "bert" else str(directory)
-    shutil.copytree(tiny["model"], directory)  # the tokenizer's files; config and weights are replaced
-    vocab = len((directory / "vocab.txt").read_text(encoding="utf-8").splitlines())
-    torch.manual_seed(0)
-    transformers.AutoModel.from_config(TINY_FAMILIES[family](vocab)).save_pretrained(str(directory))
-    return str(directory)
 
 
 @pytest.mark.parametrize("family", ["bert", *TINY_FAMILIES])
@@ -310,7 +305,97 @@ def test_a_fresh_lora_changes_nothing_and_sits_in_theta_a(tiny):
     assert not lora.trunk_is_fixed_by_pretrained  # θa inside the trunk: no cached-trunk shortcut
 
 
-# ----------------------------------------------------------------------------- Algorithm 1
+def test_a_fresh_adapter_is_exactly_the_identity():
+    adapter = M.Adapter(16, 4)
+    x = torch.randn(2, 3, 16)
+    assert torch.equal(adapter(x), x)
+    assert adapter.down.weight.abs().min() > 0  # while its down projection is not zero: up learns at once
+
+
+def test_a_primed_model_is_a_hugging_face_directory_holding_the_primed_weights(tiny, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+    kyg.main(["prime", "--method", "meta", "--source", "en", "--steps", "2", "--support-size", "8",
+              "--query-size", "8", "--meta-lr", "1e-2", "--model", tiny["model"], "--data-dir", tiny["data"],
+              "--out", str(tmp_path / "m")])
+    primed = AutoModel.from_pretrained(str(tmp_path / "m")).state_dict()  # any library can load θp
+    plain = AutoModel.from_pretrained(tiny["model"]).state_dict()
+    fresh = kyg.tagger(kyg.parser().parse_args(["finetune", "--method", "adapter", "--lang", "hi", "--out", "r",
+                                                 "--model", tiny["model"], "--init", str(tmp_path / "m")]),
+                       M.read_priming(str(tmp_path / "m")), M.load_encoder(str(tmp_path / "m"))[0], "hi")
+    for name, value in fresh.encoder.state_dict().items():
+        assert torch.equal(primed[name], value), name
+    assert any(not torch.equal(plain[n], v) for n, v in fresh.encoder.state_dict().items())  # priming moved θp
+    theta_a = load_file(tmp_path / "m" / M.THETA_A)
+    assert theta_a.keys() == M.named_params(fresh, "pe").keys()
+    for name, value in theta_a.items():
+        assert torch.equal(M.named_params(fresh, "pe")[name], value)
+    assert not list(tmp_path.glob("m/*state*"))  # the resumable state goes once priming is finished
+
+
+def test_a_primed_directory_loads_whether_its_encoder_is_one_file_or_shards(tiny, tmp_path):
+    kyg.main(["prime", "--method", "meta", "--source", "en", "--steps", "2", "--support-size", "8", "--query-size",
+              "8", "--meta-lr", "1e-2", "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(tmp_path / "m")])
+    one_file, _ = M.load(str(tmp_path / "m"), ["hi"])
+    os.remove(tmp_path / "m" / "model.safetensors")
+    one_file.encoder.save_pretrained(str(tmp_path / "m"), max_shard_size="50KB")  # as for a large encoder
+    assert len(list(tmp_path.glob("m/model-*-of-*.safetensors"))) > 1
+    sharded, _ = M.load(str(tmp_path / "m"), ["hi"])
+    for (name, p), q in zip(one_file.encoder.named_parameters(), sharded.encoder.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_a_run_starts_from_the_in_memory_encoder_exactly_as_from_a_fresh_load(tiny, tmp_path):
+    """kyg.py loads f once per language and tunes a copy per run: after the same seed, the copy's model
+    is the freshly loaded one, θa and θh included, even for a checkpoint that lacks weights (the pooler
+    here), which transformers initialises at random: loading must draw nothing from the global RNG."""
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(tiny["model"], tmp_path / "m")
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    save_file({n: w for n, w in weights.items() if not n.startswith("pooler.")}, tmp_path / "m" / "model.safetensors",
+              {"format": "pt"})
+    args = kyg.parser().parse_args(["finetune", "--method", "adapter", "--lang", "hi", "--out", "r",
+                                    "--model", str(tmp_path / "m")])
+    kept, _ = M.load_encoder(str(tmp_path / "m"))
+    for seed in (1, 2):
+        kyg.seed_everything(seed)
+        copied = kyg.tagger(args, None, kept, "hi")
+        kyg.seed_everything(seed)
+        fresh, _ = M.load(str(tmp_path / "m"), ["hi"])
+        for (name, p), q in zip(copied.named_parameters(), fresh.parameters()):
+            assert torch.equal(p, q), name
+
+
+# ---------------------------------------- Algorithm 1, line by line
+
+
+def eighty_examples_each(languages):
+    """Stand-ins for 80 encoded sentences a language: the sampler only counts and picks them."""
+    return {lang: [D.Example([i], [], [], []) for i in range(80)] for lang in languages}
+
+
+def test_tasks_are_disjoint_support_and_query_one_per_language():
+    sampler = D.TaskSampler(eighty_examples_each(["en", "es"]), 8, 4, seed=0)
+    tasks = sampler.sample()
+    assert [t[0] for t in tasks] == ["en", "es"]
+    for lang, support, query in tasks:
+        assert len(support) == 8 and len(query) == 4
+        assert not {id(e) for e in support} & {id(e) for e in query}
+    assert sampler.steps_per_pass() == 80 // 12
+
+
+def test_a_pass_over_the_source_data_draws_each_sentence_once():
+    """Alg. 1, line 7: steps_per_pass() meta-batches see every sentence of a language at most once
+    (catches sampling with replacement, or a queue reshuffled before it is used up)."""
+    sampler = D.TaskSampler(eighty_examples_each(["en", "es"]), 8, 4, seed=0)
+    seen = {"en": [], "es": []}
+    for _ in range(sampler.steps_per_pass()):
+        for lang, support, query in sampler.sample():
+            seen[lang] += [id(e) for e in support + query]
+    for lang, ids in seen.items():
+        assert len(ids) == len(set(ids)) == sampler.steps_per_pass() * 12, \
+            f"{lang}: {len(ids)} drawn, {len(set(ids))} of them different, in {sampler.steps_per_pass()} tasks of 12"
+
 
 @pytest.mark.parametrize("variant", ["meta", "maml"])
 def test_the_inner_loops_copies_are_leaves_that_share_nothing_with_theta(any_pe_tagger, variant):
@@ -632,6 +717,41 @@ def test_second_order_meta_gradient_of_a_batch_of_tasks_is_the_sum_of_each_tasks
         torch.testing.assert_close(second[name], exact[0][name] + exact[1][name], rtol=0, atol=1e-10, msg=about(name))
 
 
+def cosine(a, b):
+    a, b = torch.cat([g.flatten() for g in a.values()]), torch.cat([b[n].flatten() for n in a])
+    return (a @ b / (a.norm() * b.norm())).item()
+
+
+def test_a_bf16_meta_gradient_agrees_with_fp32s(tagger, tiny):
+    """--bf16 autocasts only f's forward: the first-order meta-gradient of one meta-step (θp and θa, two
+    tasks, S = 5) points where fp32's does (cosine 1.0000 to four places, measured), and f returns fp32."""
+    model, tokenizer = tagger
+    tasks = two_tasks(tiny, tokenizer)
+    fp32 = meta_gradient(model, tasks, 5, second_order=False)
+    model.bf16 = True
+    bf16 = meta_gradient(model, tasks, 5, second_order=False)
+    batch = tasks[0][1]
+    assert model.encode(batch["input_ids"], batch["attention_mask"]).dtype == torch.float32
+    assert not all(torch.equal(fp32[n], bf16[n]) for n in fp32)  # bf16 did run
+    assert cosine(fp32, bf16) > 0.999, cosine(fp32, bf16)
+
+
+def test_the_priming_rate_decays_linearly_to_zero(tagger):
+    """§4.2's linear schedule for β: the k-th of `steps` updates is at β (1 - k/steps), the last at β/steps."""
+    model, _ = tagger
+    optimizer, scheduler = meta.priming_optimizer(model, meta_lr=5e-5, steps=4)
+    used = []
+    for _ in range(4):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert used == pytest.approx([5e-5, 3.75e-5, 2.5e-5, 1.25e-5], abs=1e-12), used
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+# ---------------------------------------- priming: Algorithm 1 and setting 5 from end to end
+
+
 def test_fine_tuning_priming_updates_every_group(tagger, tiny):
     model, tokenizer = tagger
     before = snapshot(model)
@@ -671,35 +791,116 @@ def test_meta_priming_lowers_the_query_loss(tagger, tiny):
     assert support_curve.shape == (5,) and support_curve[-1] < support_curve[0]  # the inner loop learns
 
 
-# ----------------------------------------------------------------------------- command line
+def test_fine_tuning_priming_can_give_the_heads_their_own_learning_rate(tagger):
+    model, _ = tagger
+    optimizer, _ = meta.priming_optimizer(model, 5e-5, steps=10, head_lr=1e-3)
+    by_lr = {group["lr"]: {M.group_of(n) for n, p in model.named_parameters()
+                           if any(p is q for q in group["params"])} for group in optimizer.param_groups}
+    assert by_lr == {5e-5: {"pretrained", "pe"}, 1e-3: {"head"}}
+    assert report.priming_label({"method": "ft", "pe": "adapter", "head_lr": 1e-3}) == "ft-head0.001"
 
-def test_every_table1_row_runs_from_the_command_line_and_writes_a_result(tiny, tmp_path, capsys):
-    common = ["--model", tiny["model"], "--data-dir", tiny["data"], "--max-length", "64"]
-    primed = {"meta": [], "ft": [], "maml": [], "meta-S1": ["--inner-steps", "1"]}
-    for label, extra in primed.items():
-        kyg.main(["prime", "--method", label.split("-")[0], "--source", "en", "es", "--steps", "3",
-                  "--support-size", "8", "--query-size", "8", "--out", str(tmp_path / label),
-                  *extra, *common])
-    out = str(tmp_path / "results")
-    table1 = [report.ROWS[row][:2] for row in report.PAPER_TABLE1]
-    for priming, method in table1:
-        init = [] if priming == "none" else ["--init", str(tmp_path / priming)]
-        kyg.main(["finetune", "--method", method, "--lang", "hi", "--epochs", "1", "--out", out, *init, *common])
-    results = report.read_results(out)
-    assert [(r["priming"], r["method"]) for r in results] == table1
-    for r in results:
-        assert r["lang"] == "hi" and 0 <= r["test_f1"] <= 100 and r["trainable_params"] > 0
-    fractions = {r["method"]: r["trainable_fraction"] for r in results}
-    assert fractions["head"] < fractions["adapter"] < fractions["full"] == 1.0
-    meta_adapter = next(r for r in results if r["priming"] == "meta" and r["method"] == "adapter")
-    saved = M.load_tensors(os.path.join(out, meta_adapter["weights"]))[0]
-    assert {M.group_of(n) for n in saved} == {"pe", "head"}  # only what adapter tuning changed
 
-    kyg.main(["finetune", "--method", "head", "--lang", "hi", "--epochs", "1", "--out", out, *common])
-    assert len(report.read_results(out)) == 7 and "skipped" in capsys.readouterr().out  # a rerun skips
-    kyg.main(["table", out])
-    table = open(os.path.join(out, "table.md"), encoding="utf-8").read()
-    assert "| 4/Meta Priming → AT |" in table and "| 4 > 3 |" in table and "/ 81.25" in table
+@pytest.mark.parametrize("pe", ["lora", "bitfit"])
+def test_lora_and_bitfit_prime_and_tune_only_their_parameters(tiny, tmp_path, pe):
+    common = ["--model", tiny["model"], "--data-dir", tiny["data"]]
+    kyg.main(["prime", "--method", "meta", "--pe", pe, "--source", "en", "es", "--steps", "2", "--support-size", "8",
+              "--query-size", "8", "--out", str(tmp_path / "p"), *common])
+    primed, _ = M.load(tiny["model"], ["hi"], pe_method=pe)
+    priming = M.read_priming(str(tmp_path / "p"))
+    assert priming["pe"] == pe
+    M.load_primed(primed, priming, str(tmp_path / "p"))  # θa primed for this method is carried ...
+    theta_a = M.load_tensors(str(tmp_path / "p" / M.THETA_A))[0]
+    assert theta_a.keys() == M.named_params(primed, "pe").keys()
+    assert all(torch.equal(M.named_params(primed, "pe")[n], v) for n, v in theta_a.items())
+    torch.manual_seed(0)
+    other, _ = M.load(tiny["model"], ["hi"], pe_method="adapter")
+    fresh_adapter = {n: p.clone() for n, p in M.named_params(other, "pe").items()}
+    M.load_primed(other, priming, str(tmp_path / "p"))  # ... and a θa of another method starts fresh
+    assert all(torch.equal(M.named_params(other, "pe")[n], v) for n, v in fresh_adapter.items())
+
+    out = tmp_path / "r"
+    for init in ([], ["--init", str(tmp_path / "p")]):
+        kyg.main(["finetune", "--method", pe, "--lang", "hi", "--epochs", "1", "--out", str(out), *init, *common])
+    for record in report.read_results(str(out)):
+        saved = M.load_tensors(str(out / record["weights"]))[0]
+        assert set(saved) == set(M.named_params(primed, "pe")) | {"heads.hi.weight", "heads.hi.bias"}
+        assert record["trainable_params"] == sum(v.numel() for v in saved.values())
+        assert "cached_trunk" not in record["config"] and "bottleneck" not in record["config"]  # not used
+    kyg.main(["table", str(out)])  # the priming × tuning matrix beyond the adapter, with its diagonal cell
+    table = (out / "table.md").read_text(encoding="utf-8")
+    assert f"| priming ↓ fine-tuning → | {pe} |" in table  # the one column that ran
+    row = next(line for line in table.splitlines() if line.startswith(f"| {report.PRIMING_NAMES[f'meta-{pe}']} |"))
+    assert row.split(" | ")[1].replace(".", "").strip(" |").isdigit()
+
+
+def test_a_bf16_priming_and_tuning_run_end_to_end_and_say_so(tiny, tmp_path):
+    common = ["--model", tiny["model"], "--data-dir", tiny["data"], "--bf16"]
+    kyg.main(["prime", "--method", "meta", "--source", "en", "--steps", "2", "--support-size", "8", "--query-size",
+              "8", "--out", str(tmp_path / "p"), *common])
+    assert M.read_priming(str(tmp_path / "p"))["precision"] == "bf16"
+    args = ["finetune", "--method", "adapter", "--lang", "hi", "--epochs", "1", "--no-save", "--out", str(tmp_path / "r")]
+    kyg.main(args + ["--init", str(tmp_path / "p"), *common])
+    kyg.main(args + common[:-1])  # fp32: another run, not one already done
+    assert [r["config"]["precision"] for r in report.read_results(str(tmp_path / "r"))] == ["bf16", "fp32"]
+    language = kyg.prepare_language(kyg.parser().parse_args(args + common), "hi", torch.device("cpu"))
+    assert {f.dtype for f in language.train.features} == {torch.float32}  # stored features stay fp32
+
+
+# ---------------------------------------- fine-tuning
+
+
+def test_several_learning_rates_run_in_one_process_and_are_recorded(tiny, tmp_path):
+    args = ["finetune", "--method", "head", "--lang", "hi", "--lr", "1e-3", "3e-3", "--epochs", "1",
+            "--model", tiny["model"], "--data-dir", tiny["data"], "--no-save", "--out", str(tmp_path)]
+    kyg.main(args)
+    kyg.main(args)  # both are done: skipped
+    assert [(r["lr"], r["config"]["lr"], r["config"]["schedule"]) for r in report.read_results(str(tmp_path))] == \
+        [(1e-3, 1e-3, "constant"), (3e-3, 3e-3, "constant")]
+
+
+def test_a_default_rate_and_the_same_rate_named_are_one_run(tiny, tmp_path):
+    """The record keeps the rate the run used, so naming the default makes no second run."""
+    args = ["finetune", "--method", "head", "--lang", "hi", "--epochs", "1", "--model", tiny["model"],
+            "--data-dir", tiny["data"], "--no-save", "--out", str(tmp_path)]
+    kyg.main(args)
+    kyg.main(args + ["--lr", str(kyg.FINETUNE_LR["head"])])
+    assert [(r["lr"], r["config"]["lr"]) for r in report.read_results(str(tmp_path))] == [(1e-3, 1e-3)]
+
+
+def test_live_trunk_is_only_for_a_frozen_trunk(tiny, tmp_path):
+    with pytest.raises(SystemExit, match="kyg: error: --live-trunk is for head and adapter tuning"):
+        kyg.main(["finetune", "--method", "full", "--live-trunk", "--lang", "hi", "--model", tiny["model"],
+                  "--data-dir", tiny["data"], "--out", str(tmp_path)])
+
+
+def test_a_seed_gives_the_same_result_alone_or_after_other_seeds(tiny, tmp_path):
+    common = ["finetune", "--method", "adapter", "--lang", "hi", "--epochs", "2",
+              "--model", tiny["model"], "--data-dir", tiny["data"], "--no-save"]
+    kyg.main(common + ["--seed", "1", "2", "--out", str(tmp_path / "both")])
+    kyg.main(common + ["--seed", "2", "--out", str(tmp_path / "alone")])
+    after, alone = report.read_results(str(tmp_path / "both"))[1], report.read_results(str(tmp_path / "alone"))[0]
+    assert after["seed"] == alone["seed"] == 2
+    assert (after["dev_f1"], after["test_f1"]) == (alone["dev_f1"], alone["test_f1"])
+
+
+def test_training_on_stored_trunk_features_is_exact_without_dropout(tiny, tmp_path):
+    shutil.copytree(tiny["model"], tmp_path / "m")
+    config = json.load(open(tmp_path / "m" / "config.json"))
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    json.dump(config, open(tmp_path / "m" / "config.json", "w"))
+    common = ["finetune", "--method", "adapter", "--lang", "hi", "--epochs", "2", "--model", str(tmp_path / "m"),
+              "--data-dir", tiny["data"], "--out", str(tmp_path / "r")]
+    kyg.main(common)
+    kyg.main(common + ["--live-trunk"])
+    stored, live = report.read_results(str(tmp_path / "r"))
+    from_stored, from_live = (M.load_tensors(str(tmp_path / "r" / r["weights"]))[0] for r in (stored, live))
+    assert stored["config"]["cached_trunk"] and not live["config"]["cached_trunk"]
+    assert (stored["dev_f1"], stored["test_f1"]) == (live["dev_f1"], live["test_f1"])
+    for name in from_stored:
+        torch.testing.assert_close(from_stored[name], from_live[name], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------- the table, the figures and the pictures
 
 
 def test_table_judges_an_ordering_only_against_a_spread(tmp_path):
@@ -818,195 +1019,12 @@ def test_the_pictures_of_priming_at_work_plot_the_records(tiny, tmp_path):
             assert os.path.getsize(os.path.join(out, f"{picture}.png")) > 0
 
 
-def test_several_learning_rates_run_in_one_process_and_are_recorded(tiny, tmp_path):
-    args = ["finetune", "--method", "head", "--lang", "hi", "--lr", "1e-3", "3e-3", "--epochs", "1",
-            "--model", tiny["model"], "--data-dir", tiny["data"], "--no-save", "--out", str(tmp_path)]
-    kyg.main(args)
-    kyg.main(args)  # both are done: skipped
-    assert [(r["lr"], r["config"]["lr"], r["config"]["schedule"]) for r in report.read_results(str(tmp_path))] == \
-        [(1e-3, 1e-3, "constant"), (3e-3, 3e-3, "constant")]
-
-
-def test_a_fresh_adapter_is_exactly_the_identity():
-    adapter = M.Adapter(16, 4)
-    x = torch.randn(2, 3, 16)
-    assert torch.equal(adapter(x), x)
-    assert adapter.down.weight.abs().min() > 0  # while its down projection is not zero: up learns at once
-
-
-def test_fine_tuning_priming_can_give_the_heads_their_own_learning_rate(tagger):
-    model, _ = tagger
-    optimizer, _ = meta.priming_optimizer(model, 5e-5, steps=10, head_lr=1e-3)
-    by_lr = {group["lr"]: {M.group_of(n) for n, p in model.named_parameters()
-                           if any(p is q for q in group["params"])} for group in optimizer.param_groups}
-    assert by_lr == {5e-5: {"pretrained", "pe"}, 1e-3: {"head"}}
-    assert report.priming_label({"method": "ft", "pe": "adapter", "head_lr": 1e-3}) == "ft-head0.001"
-
-
-WITHOUT_FCNTL = "import sys\nsys.modules['fcntl'] = None  # as on Windows: no Unix locks\n"
-
-
-@pytest.mark.slow  # starts processes
-@pytest.mark.parametrize("prelude", ["", WITHOUT_FCNTL], ids=["fcntl", "no fcntl"])
-def test_side_by_side_runs_keep_every_result(tmp_path, prelude):
-    """finetune processes writing into one results folder at once lose none of each other's
-    lines, with the operating system's locks or, where fcntl is missing, filelock's others."""
-    write = prelude + "import report, sys\nfor i in range(40): report.append_result(sys.argv[1], " \
-        "{'priming': 'none', 'method': 'head', 'lang': sys.argv[2], 'seed': i, 'test_f1': 0.0})"
-    workers = [subprocess.Popen([sys.executable, "-c", write, str(tmp_path), str(w)], cwd=HERE) for w in range(4)]
-    assert [w.wait() for w in workers] == [0] * 4
-    assert sorted((r["lang"], r["seed"]) for r in report.read_results(str(tmp_path))) == \
-        sorted((str(w), i) for w in range(4) for i in range(40))
-
-
-def test_the_command_line_needs_no_fcntl():
-    run = subprocess.run([sys.executable, "-c", WITHOUT_FCNTL + "import kyg\nkyg.main(['finetune', '--help'])"],
-                         cwd=HERE, capture_output=True, text=True)
-    assert run.returncode == 0 and "--method" in run.stdout, run.stderr
-
-
 def test_reporting_needs_no_torch(tmp_path):
     """report.py (the records and the table) imports and draws a table where torch is missing."""
     report.append_result(str(tmp_path), {"priming": "none", "method": "adapter", "lang": "hi", "seed": 1, "test_f1": 1.0})
     code = "import sys\nsys.modules['torch'] = None\nimport report\nreport.table(sys.argv[1])"
     run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=HERE, capture_output=True, text=True)
     assert run.returncode == 0 and (tmp_path / "table.md").exists(), run.stderr
-
-
-def test_a_primed_model_is_a_hugging_face_directory_holding_the_primed_weights(tiny, tmp_path):
-    from safetensors.torch import load_file
-    from transformers import AutoModel
-    kyg.main(["prime", "--method", "meta", "--source", "en", "--steps", "2", "--support-size", "8",
-              "--query-size", "8", "--meta-lr", "1e-2", "--model", tiny["model"], "--data-dir", tiny["data"],
-              "--out", str(tmp_path / "m")])
-    primed = AutoModel.from_pretrained(str(tmp_path / "m")).state_dict()  # any library can load θp
-    plain = AutoModel.from_pretrained(tiny["model"]).state_dict()
-    fresh = kyg.tagger(kyg.parser().parse_args(["finetune", "--method", "adapter", "--lang", "hi", "--out", "r",
-                                                 "--model", tiny["model"], "--init", str(tmp_path / "m")]),
-                       M.read_priming(str(tmp_path / "m")), M.load_encoder(str(tmp_path / "m"))[0], "hi")
-    for name, value in fresh.encoder.state_dict().items():
-        assert torch.equal(primed[name], value), name
-    assert any(not torch.equal(plain[n], v) for n, v in fresh.encoder.state_dict().items())  # priming moved θp
-    theta_a = load_file(tmp_path / "m" / M.THETA_A)
-    assert theta_a.keys() == M.named_params(fresh, "pe").keys()
-    for name, value in theta_a.items():
-        assert torch.equal(M.named_params(fresh, "pe")[name], value)
-    assert not list(tmp_path.glob("m/*state*"))  # the resumable state goes once priming is finished
-
-
-def test_a_primed_directory_loads_whether_its_encoder_is_one_file_or_shards(tiny, tmp_path):
-    kyg.main(["prime", "--method", "meta", "--source", "en", "--steps", "2", "--support-size", "8", "--query-size",
-              "8", "--meta-lr", "1e-2", "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(tmp_path / "m")])
-    one_file, _ = M.load(str(tmp_path / "m"), ["hi"])
-    os.remove(tmp_path / "m" / "model.safetensors")
-    one_file.encoder.save_pretrained(str(tmp_path / "m"), max_shard_size="50KB")  # as for a large encoder
-    assert len(list(tmp_path.glob("m/model-*-of-*.safetensors"))) > 1
-    sharded, _ = M.load(str(tmp_path / "m"), ["hi"])
-    for (name, p), q in zip(one_file.encoder.named_parameters(), sharded.encoder.parameters()):
-        assert torch.equal(p, q), name
-
-
-def kyg_process(*args):
-    """`python kyg.py ARGS` as a process of its own, offline, its output captured as text."""
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "kyg.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
-def run_kyg(*args):
-    """kyg_process(ARGS) waited for: its returncode, stdout and stderr."""
-    process = kyg_process(*args)
-    out, err = process.communicate()
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
-
-
-def start_and_kill(args, done):
-    """Start `kyg.py args`, SIGKILL it as soon as done() is true, and check it was killed mid-run."""
-    process = kyg_process(*args)
-    while not done() and process.poll() is None:
-        time.sleep(0.005)
-    process.kill()
-    assert process.wait() == -signal.SIGKILL  # killed, not finished
-
-
-@pytest.mark.slow  # starts processes
-@pytest.mark.parametrize("method", ["meta", "maml"])
-def test_a_killed_priming_resumes_and_ends_bit_identical(tiny, tmp_path, method):
-    # 12 sentences a task, 80 a language: a save falls mid-pass, with the sampler's queues part-used.
-    args = ["prime", "--method", method, "--steps", "60", "--save-every", "5", "--support-size", "8",
-            "--query-size", "4", "--model", tiny["model"], "--data-dir", tiny["data"], "--out"]
-    whole = run_kyg(*args, str(tmp_path / "whole"))
-    assert whole.returncode == 0 and "prime" in whole.stderr
-    assert "\r" not in whole.stderr  # a log gets lines, not carriage-return redraws
-    start_and_kill(args + [str(tmp_path / "killed")], lambda: (tmp_path / "killed" / M.PRIMING_STATE).exists())
-    with pytest.raises(SystemExit, match="holds a priming that has not finished; rerun"):
-        kyg.main(["finetune", "--method", "adapter", "--lang", "hi", "--model", tiny["model"], "--data-dir",
-                  tiny["data"], "--init", str(tmp_path / "killed"), "--out", str(tmp_path / "r")])
-    rerun = run_kyg(*args, str(tmp_path / "killed"))
-    assert rerun.returncode == 0
-    resumed_from = int(rerun.stdout.split("from step ")[1].split()[0])
-    assert 0 < resumed_from < 60 and resumed_from % 5 == 0
-    for name in ("model.safetensors", M.THETA_A):
-        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
-    curve = lambda out: M.read_priming(str(out))["loss_by_step"]  # the loss of every step survives the kill
-    assert len(curve(tmp_path / "whole")) == 60 and curve(tmp_path / "killed") == curve(tmp_path / "whole")
-
-
-@pytest.mark.slow  # starts processes
-def test_a_killed_finetune_keeps_every_finished_run_and_redoes_the_killed_one(tiny, tmp_path):
-    out = tmp_path / "r"
-    args = ["finetune", "--method", "adapter", "--lang", "hi", "--seed", "1", "2", "--epochs", "40",
-            "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(out)]
-    start_and_kill(args, lambda: (out / "results.jsonl").exists())
-    assert [r["seed"] for r in report.read_results(str(out))] == [1]  # seed 1 whole, seed 2 not half-written
-    assert run_kyg(*args).returncode == 0
-    assert [r["seed"] for r in report.read_results(str(out))] == [1, 2]
-
-
-@pytest.mark.slow  # starts processes
-def test_workers_on_one_command_divide_its_runs_and_record_each_once(tiny, tmp_path):
-    """Two processes on one command of 2 languages × 2 seeds: each claims a run before it starts
-    it, so the 4 runs are recorded once each, and both did some of them."""
-    args = ["finetune", "--method", "adapter", "--lang", "en", "hi", "--seed", "1", "2", "--epochs", "20",
-            "--model", tiny["model"], "--data-dir", tiny["data"], "--no-save", "--out", str(tmp_path)]
-    workers = [kyg_process(*args) for _ in range(2)]
-    ran = [out.count("dev F1") for out, _ in (w.communicate() for w in workers)]
-    assert [w.returncode for w in workers] == [0, 0]
-    assert sorted((r["lang"], r["seed"]) for r in report.read_results(str(tmp_path))) == \
-        [("en", 1), ("en", 2), ("hi", 1), ("hi", 2)]
-    assert sum(ran) == 4 and min(ran) >= 1, ran
-
-
-@pytest.mark.slow  # starts processes
-def test_a_run_whose_worker_was_killed_is_redone_by_the_other_worker(tiny, tmp_path):
-    """kill -9 frees a worker's claim: the other worker redoes its run and finishes every run."""
-    args = ["finetune", "--method", "adapter", "--lang", "en", "hi", "--seed", "1", "2", "--epochs", "40",
-            "--model", tiny["model"], "--data-dir", tiny["data"], "--no-save", "--out", str(tmp_path)]
-    killed, survivor = kyg_process(*args), kyg_process(*args)
-    while not (tmp_path / "results.jsonl").exists() and killed.poll() is None:
-        time.sleep(0.01)
-    killed.kill()
-    assert killed.wait() == -signal.SIGKILL  # killed mid-work, not finished
-    assert survivor.wait() == 0
-    assert sorted((r["lang"], r["seed"]) for r in report.read_results(str(tmp_path))) == \
-        [("en", 1), ("en", 2), ("hi", 1), ("hi", 2)]
-
-
-@pytest.mark.slow  # starts processes
-def test_two_workers_needing_one_priming_prime_it_once(tiny, tmp_path):
-    args = ["prime", "--method", "meta", "--steps", "20", "--support-size", "8", "--query-size", "8",
-            "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(tmp_path / "m")]
-    outputs = [w.communicate()[0] for w in [kyg_process(*args) for _ in range(2)]]
-    assert sorted("kyg: primed (" in out for out in outputs) == [False, True], outputs
-    assert any("is primed already" in out for out in outputs)
-
-
-def test_a_default_rate_and_the_same_rate_named_are_one_run(tiny, tmp_path):
-    """The record keeps the rate the run used, so naming the default makes no second run."""
-    args = ["finetune", "--method", "head", "--lang", "hi", "--epochs", "1", "--model", tiny["model"],
-            "--data-dir", tiny["data"], "--no-save", "--out", str(tmp_path)]
-    kyg.main(args)
-    kyg.main(args + ["--lr", str(kyg.FINETUNE_LR["head"])])
-    assert [(r["lr"], r["config"]["lr"]) for r in report.read_results(str(tmp_path))] == [(1e-3, 1e-3)]
 
 
 def test_every_committed_result_records_the_rate_it_ran_at():
@@ -1016,13 +1034,66 @@ def test_every_committed_result_records_the_rate_it_ran_at():
             assert r["lr"] > 0 and r["config"]["lr"] == r["lr"], path
 
 
-def test_a_rerun_with_other_settings_is_refused(tiny, tmp_path):
-    args = ["prime", "--method", "meta", "--steps", "2", "--support-size", "8", "--query-size", "8",
-            "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(tmp_path / "m")]
-    kyg.main(args)
-    kyg.main(args)  # the same settings: skipped
-    with pytest.raises(SystemExit, match=r"kyg: error: \S+ was made with --steps 2, not 3; rerun with the same"):
-        kyg.main(args + ["--steps", "3"])
+def test_a_cell_never_pools_runs_of_different_recipes_and_says_when_devices_differ(tmp_path):
+    """Runs that differ in anything but the seed, the rate and the device are refused in one line naming
+    the setting; a cell of CPU and CUDA runs says so."""
+    for seed, device in ((1, "cpu"), (2, "cuda")):
+        report.append_result(str(tmp_path / "a"), {"priming": "none", "method": "adapter", "lang": "hi", "seed": seed,
+                                                   "test_f1": 50.0 + seed, "config": {"epochs": 5, "device": device}})
+    kyg.main(["table", str(tmp_path / "a")])
+    assert "| 3/AT | 51.50 ± 0.71 (2: cpu+cuda) / 77.76 |" in (tmp_path / "a" / "table.md").read_text(encoding="utf-8")
+    for seed, epochs in ((1, 1), (2, 3)):
+        report.append_result(str(tmp_path / "b"), {"priming": "none", "method": "adapter", "lang": "hi", "seed": seed,
+                                                   "test_f1": 50.0, "config": {"epochs": epochs}})
+    with pytest.raises(SystemExit, match=r"^kyg: error: \S+ pools runs of none → adapter on hi that differ in epochs "
+                                         r"\(1, 3\); tune each recipe into its own --out$"):
+        kyg.main(["table", str(tmp_path / "b")])
+
+
+# ---------------------------------------- the command line
+
+
+def test_command_line_errors_are_one_line_without_traceback(tiny, tmp_path):
+    result = run_kyg("finetune", "--method", "adapter", "--lang", "xx", "--model", tiny["model"],
+                     "--data-dir", tiny["data"], "--out", str(tmp_path))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == ["kyg: error: unknown language 'xx': "
+                                                  f"{tiny['data']} has en, es, hi"]
+
+
+def test_every_table1_row_runs_from_the_command_line_and_writes_a_result(tiny, tmp_path, capsys):
+    common = ["--model", tiny["model"], "--data-dir", tiny["data"], "--max-length", "64"]
+    primed = {"meta": [], "ft": [], "maml": [], "meta-S1": ["--inner-steps", "1"]}
+    for label, extra in primed.items():
+        kyg.main(["prime", "--method", label.split("-")[0], "--source", "en", "es", "--steps", "3",
+                  "--support-size", "8", "--query-size", "8", "--out", str(tmp_path / label),
+                  *extra, *common])
+    out = str(tmp_path / "results")
+    table1 = [report.ROWS[row][:2] for row in report.PAPER_TABLE1]
+    for priming, method in table1:
+        init = [] if priming == "none" else ["--init", str(tmp_path / priming)]
+        kyg.main(["finetune", "--method", method, "--lang", "hi", "--epochs", "1", "--out", out, *init, *common])
+    results = report.read_results(out)
+    assert [(r["priming"], r["method"]) for r in results] == table1
+    for r in results:
+        assert r["lang"] == "hi" and 0 <= r["test_f1"] <= 100 and r["trainable_params"] > 0
+    fractions = {r["method"]: r["trainable_fraction"] for r in results}
+    assert fractions["head"] < fractions["adapter"] < fractions["full"] == 1.0
+    meta_adapter = next(r for r in results if r["priming"] == "meta" and r["method"] == "adapter")
+    saved = M.load_tensors(os.path.join(out, meta_adapter["weights"]))[0]
+    assert {M.group_of(n) for n in saved} == {"pe", "head"}  # only what adapter tuning changed
+
+    kyg.main(["finetune", "--method", "head", "--lang", "hi", "--epochs", "1", "--out", out, *common])
+    assert len(report.read_results(out)) == 7 and "skipped" in capsys.readouterr().out  # a rerun skips
+    kyg.main(["table", out])
+    table = open(os.path.join(out, "table.md"), encoding="utf-8").read()
+    assert "| 4/Meta Priming → AT |" in table and "| 4 > 3 |" in table and "/ 81.25" in table
+
+
+def test_the_command_line_needs_no_fcntl():
+    run = subprocess.run([sys.executable, "-c", WITHOUT_FCNTL + "import kyg\nkyg.main(['finetune', '--help'])"],
+                         cwd=HERE, capture_output=True, text=True)
+    assert run.returncode == 0 and "--method" in run.stdout, run.stderr
 
 
 def bad_input(tiny, tmp_path, case):
@@ -1102,45 +1173,6 @@ def test_an_out_that_cannot_be_written_is_one_error_line(tiny, tmp_path, monkeyp
                   "--model", tiny["model"], "--data-dir", tiny["data"]])
 
 
-@pytest.mark.parametrize("pe", ["lora", "bitfit"])
-def test_lora_and_bitfit_prime_and_tune_only_their_parameters(tiny, tmp_path, pe):
-    common = ["--model", tiny["model"], "--data-dir", tiny["data"]]
-    kyg.main(["prime", "--method", "meta", "--pe", pe, "--source", "en", "es", "--steps", "2", "--support-size", "8",
-              "--query-size", "8", "--out", str(tmp_path / "p"), *common])
-    primed, _ = M.load(tiny["model"], ["hi"], pe_method=pe)
-    priming = M.read_priming(str(tmp_path / "p"))
-    assert priming["pe"] == pe
-    M.load_primed(primed, priming, str(tmp_path / "p"))  # θa primed for this method is carried ...
-    theta_a = M.load_tensors(str(tmp_path / "p" / M.THETA_A))[0]
-    assert theta_a.keys() == M.named_params(primed, "pe").keys()
-    assert all(torch.equal(M.named_params(primed, "pe")[n], v) for n, v in theta_a.items())
-    torch.manual_seed(0)
-    other, _ = M.load(tiny["model"], ["hi"], pe_method="adapter")
-    fresh_adapter = {n: p.clone() for n, p in M.named_params(other, "pe").items()}
-    M.load_primed(other, priming, str(tmp_path / "p"))  # ... and a θa of another method starts fresh
-    assert all(torch.equal(M.named_params(other, "pe")[n], v) for n, v in fresh_adapter.items())
-
-    out = tmp_path / "r"
-    for init in ([], ["--init", str(tmp_path / "p")]):
-        kyg.main(["finetune", "--method", pe, "--lang", "hi", "--epochs", "1", "--out", str(out), *init, *common])
-    for record in report.read_results(str(out)):
-        saved = M.load_tensors(str(out / record["weights"]))[0]
-        assert set(saved) == set(M.named_params(primed, "pe")) | {"heads.hi.weight", "heads.hi.bias"}
-        assert record["trainable_params"] == sum(v.numel() for v in saved.values())
-        assert "cached_trunk" not in record["config"] and "bottleneck" not in record["config"]  # not used
-    kyg.main(["table", str(out)])  # the priming × tuning matrix beyond the adapter, with its diagonal cell
-    table = (out / "table.md").read_text(encoding="utf-8")
-    assert f"| priming ↓ fine-tuning → | {pe} |" in table  # the one column that ran
-    row = next(line for line in table.splitlines() if line.startswith(f"| {report.PRIMING_NAMES[f'meta-{pe}']} |"))
-    assert row.split(" | ")[1].replace(".", "").strip(" |").isdigit()
-
-
-def test_live_trunk_is_only_for_a_frozen_trunk(tiny, tmp_path):
-    with pytest.raises(SystemExit, match="kyg: error: --live-trunk is for head and adapter tuning"):
-        kyg.main(["finetune", "--method", "full", "--live-trunk", "--lang", "hi", "--model", tiny["model"],
-                  "--data-dir", tiny["data"], "--out", str(tmp_path)])
-
-
 def test_benchmark_runs_and_reports_every_ratio():
     import bench
     text = bench.main(["--small", "--repeats", "1", "--batch-size", "4", "--device", "cpu"])
@@ -1148,99 +1180,6 @@ def test_benchmark_runs_and_reports_every_ratio():
                  "meta full ÷ meta cached", "maml ÷ meta cached", "2nd cached ÷ meta cached",
                  "2nd full ÷ 2nd cached"):
         assert line in text
-
-
-def test_a_seed_gives_the_same_result_alone_or_after_other_seeds(tiny, tmp_path):
-    common = ["finetune", "--method", "adapter", "--lang", "hi", "--epochs", "2",
-              "--model", tiny["model"], "--data-dir", tiny["data"], "--no-save"]
-    kyg.main(common + ["--seed", "1", "2", "--out", str(tmp_path / "both")])
-    kyg.main(common + ["--seed", "2", "--out", str(tmp_path / "alone")])
-    after, alone = report.read_results(str(tmp_path / "both"))[1], report.read_results(str(tmp_path / "alone"))[0]
-    assert after["seed"] == alone["seed"] == 2
-    assert (after["dev_f1"], after["test_f1"]) == (alone["dev_f1"], alone["test_f1"])
-
-
-def test_training_on_stored_trunk_features_is_exact_without_dropout(tiny, tmp_path):
-    shutil.copytree(tiny["model"], tmp_path / "m")
-    config = json.load(open(tmp_path / "m" / "config.json"))
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    json.dump(config, open(tmp_path / "m" / "config.json", "w"))
-    common = ["finetune", "--method", "adapter", "--lang", "hi", "--epochs", "2", "--model", str(tmp_path / "m"),
-              "--data-dir", tiny["data"], "--out", str(tmp_path / "r")]
-    kyg.main(common)
-    kyg.main(common + ["--live-trunk"])
-    stored, live = report.read_results(str(tmp_path / "r"))
-    from_stored, from_live = (M.load_tensors(str(tmp_path / "r" / r["weights"]))[0] for r in (stored, live))
-    assert stored["config"]["cached_trunk"] and not live["config"]["cached_trunk"]
-    assert (stored["dev_f1"], stored["test_f1"]) == (live["dev_f1"], live["test_f1"])
-    for name in from_stored:
-        torch.testing.assert_close(from_stored[name], from_live[name], rtol=1e-4, atol=1e-6)
-
-
-# ----------------------------------------------------------------------------- devices and precision
-
-def test_a_run_starts_from_the_in_memory_encoder_exactly_as_from_a_fresh_load(tiny, tmp_path):
-    """kyg.py loads f once per language and tunes a copy per run: after the same seed, the copy's model
-    is the freshly loaded one, θa and θh included, even for a checkpoint that lacks weights (the pooler
-    here), which transformers initialises at random: loading must draw nothing from the global RNG."""
-    from safetensors.torch import load_file, save_file
-    shutil.copytree(tiny["model"], tmp_path / "m")
-    weights = load_file(tmp_path / "m" / "model.safetensors")
-    save_file({n: w for n, w in weights.items() if not n.startswith("pooler.")}, tmp_path / "m" / "model.safetensors",
-              {"format": "pt"})
-    args = kyg.parser().parse_args(["finetune", "--method", "adapter", "--lang", "hi", "--out", "r",
-                                    "--model", str(tmp_path / "m")])
-    kept, _ = M.load_encoder(str(tmp_path / "m"))
-    for seed in (1, 2):
-        kyg.seed_everything(seed)
-        copied = kyg.tagger(args, None, kept, "hi")
-        kyg.seed_everything(seed)
-        fresh, _ = M.load(str(tmp_path / "m"), ["hi"])
-        for (name, p), q in zip(copied.named_parameters(), fresh.parameters()):
-            assert torch.equal(p, q), name
-
-
-def cosine(a, b):
-    a, b = torch.cat([g.flatten() for g in a.values()]), torch.cat([b[n].flatten() for n in a])
-    return (a @ b / (a.norm() * b.norm())).item()
-
-
-def test_a_bf16_meta_gradient_agrees_with_fp32s(tagger, tiny):
-    """--bf16 autocasts only f's forward: the first-order meta-gradient of one meta-step (θp and θa, two
-    tasks, S = 5) points where fp32's does (cosine 1.0000 to four places, measured), and f returns fp32."""
-    model, tokenizer = tagger
-    tasks = two_tasks(tiny, tokenizer)
-    fp32 = meta_gradient(model, tasks, 5, second_order=False)
-    model.bf16 = True
-    bf16 = meta_gradient(model, tasks, 5, second_order=False)
-    batch = tasks[0][1]
-    assert model.encode(batch["input_ids"], batch["attention_mask"]).dtype == torch.float32
-    assert not all(torch.equal(fp32[n], bf16[n]) for n in fp32)  # bf16 did run
-    assert cosine(fp32, bf16) > 0.999, cosine(fp32, bf16)
-
-
-def test_a_bf16_priming_and_tuning_run_end_to_end_and_say_so(tiny, tmp_path):
-    common = ["--model", tiny["model"], "--data-dir", tiny["data"], "--bf16"]
-    kyg.main(["prime", "--method", "meta", "--source", "en", "--steps", "2", "--support-size", "8", "--query-size",
-              "8", "--out", str(tmp_path / "p"), *common])
-    assert M.read_priming(str(tmp_path / "p"))["precision"] == "bf16"
-    args = ["finetune", "--method", "adapter", "--lang", "hi", "--epochs", "1", "--no-save", "--out", str(tmp_path / "r")]
-    kyg.main(args + ["--init", str(tmp_path / "p"), *common])
-    kyg.main(args + common[:-1])  # fp32: another run, not one already done
-    assert [r["config"]["precision"] for r in report.read_results(str(tmp_path / "r"))] == ["bf16", "fp32"]
-    language = kyg.prepare_language(kyg.parser().parse_args(args + common), "hi", torch.device("cpu"))
-    assert {f.dtype for f in language.train.features} == {torch.float32}  # stored features stay fp32
-
-
-def test_a_priming_continues_only_on_the_device_it_ran_on(tiny, tmp_path):
-    """Its optimizer's and RNG's states belong to its device: elsewhere it is refused in one line."""
-    args = ["prime", "--method", "meta", "--steps", "1", "--support-size", "8", "--query-size", "8",
-            "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(tmp_path / "m")]
-    kyg.main(args)
-    record = tmp_path / "m" / M.PRIMING_RECORD
-    record.write_text(record.read_text(encoding="utf-8").replace('"device": "cpu"', '"device": "cuda"'))
-    with pytest.raises(SystemExit, match=r"kyg: error: \S+ was made with --device cuda, not cpu; rerun"):
-        kyg.main(args)
 
 
 def test_a_device_that_cannot_run_a_kernel_is_one_error_line(tiny, tmp_path, monkeypatch):
@@ -1257,35 +1196,6 @@ def test_a_device_that_cannot_run_a_kernel_is_one_error_line(tiny, tmp_path, mon
                   "--model", tiny["model"], "--data-dir", tiny["data"]])
 
 
-def test_the_priming_rate_decays_linearly_to_zero(tagger):
-    """§4.2's linear schedule for β: the k-th of `steps` updates is at β (1 - k/steps), the last at β/steps."""
-    model, _ = tagger
-    optimizer, scheduler = meta.priming_optimizer(model, meta_lr=5e-5, steps=4)
-    used = []
-    for _ in range(4):
-        used.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    assert used == pytest.approx([5e-5, 3.75e-5, 2.5e-5, 1.25e-5], abs=1e-12), used
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
-
-
-def test_a_cell_never_pools_runs_of_different_recipes_and_says_when_devices_differ(tmp_path):
-    """Runs that differ in anything but the seed, the rate and the device are refused in one line naming
-    the setting; a cell of CPU and CUDA runs says so."""
-    for seed, device in ((1, "cpu"), (2, "cuda")):
-        report.append_result(str(tmp_path / "a"), {"priming": "none", "method": "adapter", "lang": "hi", "seed": seed,
-                                                   "test_f1": 50.0 + seed, "config": {"epochs": 5, "device": device}})
-    kyg.main(["table", str(tmp_path / "a")])
-    assert "| 3/AT | 51.50 ± 0.71 (2: cpu+cuda) / 77.76 |" in (tmp_path / "a" / "table.md").read_text(encoding="utf-8")
-    for seed, epochs in ((1, 1), (2, 3)):
-        report.append_result(str(tmp_path / "b"), {"priming": "none", "method": "adapter", "lang": "hi", "seed": seed,
-                                                   "test_f1": 50.0, "config": {"epochs": epochs}})
-    with pytest.raises(SystemExit, match=r"^kyg: error: \S+ pools runs of none → adapter on hi that differ in epochs "
-                                         r"\(1, 3\); tune each recipe into its own --out$"):
-        kyg.main(["table", str(tmp_path / "b")])
-
-
 def test_run_sh_primes_with_the_flags_its_label_names():
     assert report.priming_flags("meta-S1-2nd") == ["--method", "meta", "--inner-steps", "1", "--second-order"]
     assert report.priming_flags("ft-bitfit-head0.001") == ["--method", "ft", "--pe", "bitfit", "--head-lr", "0.001"]
@@ -1294,3 +1204,111 @@ def test_run_sh_primes_with_the_flags_its_label_names():
         flags = report.priming_flags(report.priming_label(priming))
         parsed = kyg.parser().parse_args(["prime", *flags, "--out", "p"])
         assert all(getattr(parsed, key) == value for key, value in priming.items()), (priming, flags)
+
+
+# ---------------------------------------- reliability: stopped, killed and side-by-side runs, reruns
+
+
+@pytest.mark.slow  # starts processes
+@pytest.mark.parametrize("prelude", ["", WITHOUT_FCNTL], ids=["fcntl", "no fcntl"])
+def test_side_by_side_runs_keep_every_result(tmp_path, prelude):
+    """finetune processes writing into one results folder at once lose none of each other's
+    lines, with the operating system's locks or, where fcntl is missing, filelock's others."""
+    write = prelude + "import report, sys\nfor i in range(40): report.append_result(sys.argv[1], " \
+        "{'priming': 'none', 'method': 'head', 'lang': sys.argv[2], 'seed': i, 'test_f1': 0.0})"
+    workers = [subprocess.Popen([sys.executable, "-c", write, str(tmp_path), str(w)], cwd=HERE) for w in range(4)]
+    assert [w.wait() for w in workers] == [0] * 4
+    assert sorted((r["lang"], r["seed"]) for r in report.read_results(str(tmp_path))) == \
+        sorted((str(w), i) for w in range(4) for i in range(40))
+
+
+@pytest.mark.slow  # starts processes
+@pytest.mark.parametrize("method", ["meta", "maml"])
+def test_a_killed_priming_resumes_and_ends_bit_identical(tiny, tmp_path, method):
+    # 12 sentences a task, 80 a language: a save falls mid-pass, with the sampler's queues part-used.
+    args = ["prime", "--method", method, "--steps", "60", "--save-every", "5", "--support-size", "8",
+            "--query-size", "4", "--model", tiny["model"], "--data-dir", tiny["data"], "--out"]
+    whole = run_kyg(*args, str(tmp_path / "whole"))
+    assert whole.returncode == 0 and "prime" in whole.stderr
+    assert "\r" not in whole.stderr  # a log gets lines, not carriage-return redraws
+    start_and_kill(args + [str(tmp_path / "killed")], lambda: (tmp_path / "killed" / M.PRIMING_STATE).exists())
+    with pytest.raises(SystemExit, match="holds a priming that has not finished; rerun"):
+        kyg.main(["finetune", "--method", "adapter", "--lang", "hi", "--model", tiny["model"], "--data-dir",
+                  tiny["data"], "--init", str(tmp_path / "killed"), "--out", str(tmp_path / "r")])
+    rerun = run_kyg(*args, str(tmp_path / "killed"))
+    assert rerun.returncode == 0
+    resumed_from = int(rerun.stdout.split("from step ")[1].split()[0])
+    assert 0 < resumed_from < 60 and resumed_from % 5 == 0
+    for name in ("model.safetensors", M.THETA_A):
+        assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    curve = lambda out: M.read_priming(str(out))["loss_by_step"]  # the loss of every step survives the kill
+    assert len(curve(tmp_path / "whole")) == 60 and curve(tmp_path / "killed") == curve(tmp_path / "whole")
+
+
+@pytest.mark.slow  # starts processes
+def test_a_killed_finetune_keeps_every_finished_run_and_redoes_the_killed_one(tiny, tmp_path):
+    out = tmp_path / "r"
+    args = ["finetune", "--method", "adapter", "--lang", "hi", "--seed", "1", "2", "--epochs", "40",
+            "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(out)]
+    start_and_kill(args, lambda: (out / "results.jsonl").exists())
+    assert [r["seed"] for r in report.read_results(str(out))] == [1]  # seed 1 whole, seed 2 not half-written
+    assert run_kyg(*args).returncode == 0
+    assert [r["seed"] for r in report.read_results(str(out))] == [1, 2]
+
+
+@pytest.mark.slow  # starts processes
+def test_workers_on_one_command_divide_its_runs_and_record_each_once(tiny, tmp_path):
+    """Two processes on one command of 2 languages × 2 seeds: each claims a run before it starts
+    it, so the 4 runs are recorded once each, and both did some of them."""
+    args = ["finetune", "--method", "adapter", "--lang", "en", "hi", "--seed", "1", "2", "--epochs", "20",
+            "--model", tiny["model"], "--data-dir", tiny["data"], "--no-save", "--out", str(tmp_path)]
+    workers = [kyg_process(*args) for _ in range(2)]
+    ran = [out.count("dev F1") for out, _ in (w.communicate() for w in workers)]
+    assert [w.returncode for w in workers] == [0, 0]
+    assert sorted((r["lang"], r["seed"]) for r in report.read_results(str(tmp_path))) == \
+        [("en", 1), ("en", 2), ("hi", 1), ("hi", 2)]
+    assert sum(ran) == 4 and min(ran) >= 1, ran
+
+
+@pytest.mark.slow  # starts processes
+def test_a_run_whose_worker_was_killed_is_redone_by_the_other_worker(tiny, tmp_path):
+    """kill -9 frees a worker's claim: the other worker redoes its run and finishes every run."""
+    args = ["finetune", "--method", "adapter", "--lang", "en", "hi", "--seed", "1", "2", "--epochs", "40",
+            "--model", tiny["model"], "--data-dir", tiny["data"], "--no-save", "--out", str(tmp_path)]
+    killed, survivor = kyg_process(*args), kyg_process(*args)
+    while not (tmp_path / "results.jsonl").exists() and killed.poll() is None:
+        time.sleep(0.01)
+    killed.kill()
+    assert killed.wait() == -signal.SIGKILL  # killed mid-work, not finished
+    assert survivor.wait() == 0
+    assert sorted((r["lang"], r["seed"]) for r in report.read_results(str(tmp_path))) == \
+        [("en", 1), ("en", 2), ("hi", 1), ("hi", 2)]
+
+
+@pytest.mark.slow  # starts processes
+def test_two_workers_needing_one_priming_prime_it_once(tiny, tmp_path):
+    args = ["prime", "--method", "meta", "--steps", "20", "--support-size", "8", "--query-size", "8",
+            "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(tmp_path / "m")]
+    outputs = [w.communicate()[0] for w in [kyg_process(*args) for _ in range(2)]]
+    assert sorted("kyg: primed (" in out for out in outputs) == [False, True], outputs
+    assert any("is primed already" in out for out in outputs)
+
+
+def test_a_rerun_with_other_settings_is_refused(tiny, tmp_path):
+    args = ["prime", "--method", "meta", "--steps", "2", "--support-size", "8", "--query-size", "8",
+            "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(tmp_path / "m")]
+    kyg.main(args)
+    kyg.main(args)  # the same settings: skipped
+    with pytest.raises(SystemExit, match=r"kyg: error: \S+ was made with --steps 2, not 3; rerun with the same"):
+        kyg.main(args + ["--steps", "3"])
+
+
+def test_a_priming_continues_only_on_the_device_it_ran_on(tiny, tmp_path):
+    """Its optimizer's and RNG's states belong to its device: elsewhere it is refused in one line."""
+    args = ["prime", "--method", "meta", "--steps", "1", "--support-size", "8", "--query-size", "8",
+            "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(tmp_path / "m")]
+    kyg.main(args)
+    record = tmp_path / "m" / M.PRIMING_RECORD
+    record.write_text(record.read_text(encoding="utf-8").replace('"device": "cpu"', '"device": "cuda"'))
+    with pytest.raises(SystemExit, match=r"kyg: error: \S+ was made with --device cuda, not cpu; rerun"):
+        kyg.main(args)
