@@ -59,7 +59,7 @@ def main(argv=None):
         args.command(args)
     except KygError as e:
         sys.exit(f"kyg: error: {e}")
-    except torch.OutOfMemoryError as e:  # before OSError: a device's memory, not a file
+    except torch.OutOfMemoryError as e:  # a device's memory, not a file: say what to change
         sys.exit(f"kyg: error: out of memory on the device ({str(e).splitlines()[0][:120]}); pass a smaller "
                  f"--batch-size, or --bf16, or free the device")
     except OSError as e:  # a path that cannot be written or read: under a file, read-only, a full disk
