@@ -198,12 +198,12 @@ def redraws_next(bar):
 
 
 def same_settings(saved, settings, what):
-    """A KygError naming the first setting in which `settings` differ from the `saved` ones."""
-    for key, value in settings.items():
-        if saved.get(key) != value and not (key == "steps" and value is None):  # None: one pass, resolved later
-            name = "kyg's adapter init" if key == "adapter_init" else f"--{key.replace('_', '-')}"  # no flag
-            raise KygError(f"{what} was made with {name} {saved.get(key)}, not {value}; "
-                           f"rerun with the same settings, or pass another --out to start afresh")
+    """A KygError naming the first setting in which `settings` differ from the `saved` ones (steps None:
+    one pass, resolved later, so any number)."""
+    if key := report.first_difference(saved, {k: v for k, v in settings.items() if v is not None or k != "steps"}):
+        name = "kyg's adapter init" if key == "adapter_init" else f"--{key.replace('_', '-')}"  # no flag
+        raise KygError(f"{what} was made with {name} {saved[key]}, not {settings[key]}; "
+                       f"rerun with the same settings, or pass another --out to start afresh")
 
 
 # ----------------------------------------------------------------------------- prime

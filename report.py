@@ -164,11 +164,15 @@ def one_recipe(directory, cell, records):
     recipe = lambda r: {**{k: v for k, v in (r.get("config") or {}).items() if k not in ("seed", "lr", "init", "device")},
                         **{f"priming's {k}": v for k, v in (r.get("priming_config") or {}).items() if k in PRIMING_SETTINGS}}
     first = recipe(records[0])
-    for r in records[1:]:
-        for key in sorted(first.keys() & recipe(r).keys()):
-            if first[key] != recipe(r)[key]:
-                raise KygError(f"{directory}/results.jsonl pools runs of {cell} that differ in {key} ({first[key]}, "
-                               f"{recipe(r)[key]}); tune each recipe into its own --out")
+    for other in map(recipe, records[1:]):
+        if key := first_difference(first, other):
+            raise KygError(f"{directory}/results.jsonl pools runs of {cell} that differ in {key} ({first[key]}, "
+                           f"{other[key]}); tune each recipe into its own --out")
+
+
+def first_difference(a, b):
+    """The first setting, in sorted order, that both dicts hold with different values, or None."""
+    return next((key for key in sorted(a.keys() & b.keys()) if a[key] != b[key]), None)
 
 
 def markdown(header, rows):
