@@ -165,9 +165,11 @@ def device_of(args):
     return torch.device(name)
 
 
-def precision(args):
-    """What a run computes in, part of what makes it what it is: fp32 (the paper's), bf16, tf32 or both."""
-    return "+".join(name for name, on in (("bf16", args.bf16), ("tf32", args.tf32)) if on) or "fp32"
+def precision(args, device):
+    """What a run computes in, part of what makes it what it is: fp32 (the paper's), bf16, tf32 (CUDA's
+    only: elsewhere it changes nothing) or both."""
+    tf32 = args.tf32 and device.type == "cuda"
+    return "+".join(name for name, on in (("bf16", args.bf16), ("tf32", tf32)) if on) or "fp32"
 
 
 def seed_everything(seed):
@@ -194,14 +196,16 @@ def progress(**kwargs):
 def redraws_next(bar):
     """Whether bar.update() will redraw the bar: only then is a loss worth reading off the device,
     which waits for it (a sync) and so stalls the queue of work."""
-    return bar.n + 1 - bar.last_print_n >= bar.miniters and time.time() - bar.last_print_t >= bar.mininterval
+    return not bar.disable and bar.n + 1 - bar.last_print_n >= bar.miniters and \
+        time.time() - bar.last_print_t >= bar.mininterval
 
 
 def same_settings(saved, settings, what):
     """A KygError naming the first setting in which `settings` differ from the `saved` ones (steps None:
     one pass, resolved later, so any number)."""
     if key := report.first_difference(saved, {k: v for k, v in settings.items() if v is not None or k != "steps"}):
-        name = "kyg's adapter init" if key == "adapter_init" else f"--{key.replace('_', '-')}"  # no flag
+        name = {"adapter_init": "kyg's adapter init", "precision": "--bf16/--tf32 precision"}.get(
+            key, f"--{key.replace('_', '-')}")
         raise KygError(f"{what} was made with {name} {saved[key]}, not {settings[key]}; "
                        f"rerun with the same settings, or pass another --out to start afresh")
 
@@ -223,7 +227,7 @@ def priming_settings(args, device):
         settings["inner_lr"] = args.inner_lr or INNER_LR[args.method]
     if args.pe == "adapter":
         settings.update(bottleneck=args.bottleneck, adapter_init=M.ADAPTER_INIT)
-    return {**settings, "device": device.type, "precision": precision(args)}
+    return {**settings, "device": device.type, "precision": precision(args, device)}
 
 
 PrimingRun = namedtuple("PrimingRun", "model tokenizer sampler optimizer scheduler settings")
@@ -249,8 +253,8 @@ def prime(args):
 
 def prime_alone(args, settings, device):
     state_path = os.path.join(args.out, M.PRIMING_STATE)
-    if os.path.isfile(os.path.join(args.out, M.PRIMING_RECORD)):
-        same_settings(M.read_priming(args.out), settings, args.out)
+    if os.path.isfile(os.path.join(args.out, M.PRIMING_RECORD)):  # a finished priming serves any device
+        same_settings(M.read_priming(args.out), {k: v for k, v in settings.items() if k != "device"}, args.out)
         print(f"kyg: {args.out} is primed already with these settings, skipped (delete it to prime again)")
         return
     saved = M.load_tensors(state_path) if os.path.isfile(state_path) else None
@@ -355,7 +359,7 @@ def run_config(args, priming, device, lang, lr, seed):
     config = {key: getattr(args, key) for key in ("model", "data_dir", "init", "method", "max_train", "max_eval",
                                                    "max_dev", "max_length", "epochs", "batch_size")}
     return {**config, "lang": lang, "lr": lr, "seed": seed, "schedule": FINETUNE_SCHEDULE[args.method],
-            "device": device.type, "precision": precision(args),
+            "device": device.type, "precision": precision(args, device),
             **({"cached_trunk": not args.live_trunk} if args.method in STORED_FEATURES else {}),
             **({"bottleneck": args.bottleneck, "adapter_init": M.ADAPTER_INIT}
                if pe_method_of(args.method, priming) == "adapter" else {})}

@@ -201,9 +201,9 @@ def table(directory):
     devices = {key: "+".join(sorted({(r.get("config") or {}).get("device", "cpu") for r in records}))
                for key, records in chosen.items()}  # a cell of runs on several devices says so
     stat = lambda key: (statistics.mean(scores[key]), statistics.stdev(scores[key]) if len(scores[key]) > 1 else 0.0,
-                        len(scores[key]) if "+" not in devices[key] else f"{len(scores[key])}: {devices[key]}") \
-        if key in scores else None
-    cell = lambda s: "–" if not s else f"{s[0]:.2f} ({s[2]})" if s[2] == 1 else f"{s[0]:.2f} ± {s[1]:.2f} ({s[2]})"
+                        len(scores[key]), devices[key] if "+" in devices[key] else "") if key in scores else None
+    n = lambda s: f"({s[2]}: {s[3]})" if s[3] else f"({s[2]})"
+    cell = lambda s: "–" if not s else f"{s[0]:.2f} {n(s)}" if s[2] == 1 else f"{s[0]:.2f} ± {s[1]:.2f} {n(s)}"
 
     rows = []
     for row, (priming, method, name) in ROWS.items():  # the paper's rows; ours where they were run

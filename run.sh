@@ -104,15 +104,15 @@ declare -A ROW
 while read -r row priming method; do ROW[$row]="$priming $method"; done < <(python -c 'import report
 for row, (priming, method, _) in report.ROWS.items(): print(row, priming, method)')
 
-prime() {  # prime LABEL SEED -> the primed model directory, primed first unless it is finished
-    local dir=$OUT/primed/$1 flags
-    [[ $2 != 1 ]] && dir+=-seed$2
+prime() {  # prime LABEL SEED: into PRIMED=OUT/primed/LABEL[-seedSEED], unless it is finished there
+    local flags
+    PRIMED=$OUT/primed/$1
+    [[ $2 != 1 ]] && PRIMED+=-seed$2
     flags=$(python -c 'import report, sys
 try: print(*report.priming_flags(sys.argv[1]))  # what the label says, as report.PRIMING_LABEL maps it
-except report.KygError as e: sys.exit(f"run.sh: {e}")' "$1") || exit 2
+except report.KygError as e: sys.exit(f"run.sh: {e}")' "$1")
     # shellcheck disable=SC2086
-    python kyg.py prime $flags --seed "$2" "${PRIME[@]}" "${COMMON[@]}" --out "$dir" >&2
-    echo "$dir"
+    python kyg.py prime $flags --seed "$2" "${PRIME[@]}" "${COMMON[@]}" --out "$PRIMED" >&2
 }
 
 ROWS=(${KYG_ROWS:-$ALL_ROWS})
@@ -129,7 +129,8 @@ for i in "${!ROWS[@]}"; do
     [[ $row == 4 || $row == 5 ]] && seeds=${KYG_PRIME_SEEDS:-1}
     for seed in $seeds; do
         init=()
-        [[ $priming != none ]] && init=(--init "$(prime "$priming" "$seed")")
+        # prime in this shell, not in a $(...), so that a priming that fails stops run.sh (set -e)
+        if [[ $priming != none ]]; then prime "$priming" "$seed"; init=(--init "$PRIMED"); fi
         # Full fine-tuning writes no weights: a copy of mBERT per run (~700 MB) is what PE tuning avoids.
         extra=()
         [[ $method == full ]] && extra=(--no-save)

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -1037,11 +1038,14 @@ def test_every_committed_result_records_the_rate_it_ran_at():
 def test_a_cell_never_pools_runs_of_different_recipes_and_says_when_devices_differ(tmp_path):
     """Runs that differ in anything but the seed, the rate and the device are refused in one line naming
     the setting; a cell of CPU and CUDA runs says so."""
-    for seed, device in ((1, "cpu"), (2, "cuda")):
-        report.append_result(str(tmp_path / "a"), {"priming": "none", "method": "adapter", "lang": "hi", "seed": seed,
-                                                   "test_f1": 50.0 + seed, "config": {"epochs": 5, "device": device}})
+    for priming, score in (("none", 50.0), ("meta", 60.0)):
+        for seed, device in ((1, "cpu"), (2, "cuda")):
+            report.append_result(str(tmp_path / "a"), {"priming": priming, "method": "adapter", "lang": "hi", "seed": seed,
+                                                       "test_f1": score + seed, "config": {"epochs": 5, "device": device}})
     kyg.main(["table", str(tmp_path / "a")])
-    assert "| 3/AT | 51.50 ± 0.71 (2: cpu+cuda) / 77.76 |" in (tmp_path / "a" / "table.md").read_text(encoding="utf-8")
+    rows = table_rows(tmp_path / "a")
+    assert rows["| 3/AT"] == ["51.50 ± 0.71 (2: cpu+cuda) / 77.76", "51.50 / 77.76"]
+    assert rows["| 4 > 3"] == ["held (+10.00)"]  # judged as any other cell
     for seed, epochs in ((1, 1), (2, 3)):
         report.append_result(str(tmp_path / "b"), {"priming": "none", "method": "adapter", "lang": "hi", "seed": seed,
                                                    "test_f1": 50.0, "config": {"epochs": epochs}})
@@ -1303,12 +1307,20 @@ def test_a_rerun_with_other_settings_is_refused(tiny, tmp_path):
         kyg.main(args + ["--steps", "3"])
 
 
-def test_a_priming_continues_only_on_the_device_it_ran_on(tiny, tmp_path):
-    """Its optimizer's and RNG's states belong to its device: elsewhere it is refused in one line."""
-    args = ["prime", "--method", "meta", "--steps", "1", "--support-size", "8", "--query-size", "8",
-            "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(tmp_path / "m")]
-    kyg.main(args)
-    record = tmp_path / "m" / M.PRIMING_RECORD
-    record.write_text(record.read_text(encoding="utf-8").replace('"device": "cpu"', '"device": "cuda"'))
-    with pytest.raises(SystemExit, match=r"kyg: error: \S+ was made with --device cuda, not cpu; rerun"):
+def test_a_priming_continues_only_on_the_device_it_ran_on(tiny, tmp_path, monkeypatch):
+    """A stopped priming's optimizer and RNG states belong to its device: elsewhere it is refused in
+    one line. A finished one is weights, and serves any device."""
+    args = ["prime", "--method", "meta", "--steps", "2", "--save-every", "1", "--support-size", "8",
+            "--query-size", "8", "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(tmp_path / "m")]
+    with monkeypatch.context() as patch:  # stopped after step 1's save, as by a kill at the end
+        patch.setattr(M, "save_primed", lambda *_: sys.exit("stopped"))
+        with pytest.raises(SystemExit, match="stopped"):
+            kyg.main(args)
+    assert (tmp_path / "m" / M.PRIMING_STATE).exists()
+    elsewhere = lambda args: torch.device("cpu") if args.device == "cpu" else SimpleNamespace(type="cuda")
+    monkeypatch.setattr(kyg, "device_of", elsewhere)
+    with pytest.raises(SystemExit, match=r"kyg: error: the stopped priming in \S+ was made with --device cpu, "
+                                         r"not cuda; rerun"):
         kyg.main(args)
+    kyg.main(args + ["--device", "cpu"])  # it finishes where it ran ...
+    kyg.main(args)  # ... and, finished, is skipped on another device, not refused
