@@ -723,7 +723,7 @@ def cosine(a, b):
     return (a @ b / (a.norm() * b.norm())).item()
 
 
-def test_a_bf16_meta_gradient_agrees_with_fp32s(tagger, tiny):
+def test_under_bf16_a_first_order_step_points_where_fp32s_does(tagger, tiny):
     """--bf16 autocasts only f's forward: the first-order meta-gradient of one meta-step (θp and θa, two
     tasks, S = 5) points where fp32's does (cosine 1.0000 to four places, measured), and f returns fp32."""
     model, tokenizer = tagger
