@@ -46,7 +46,7 @@ class InnerLoop:
     steps: int = 5              # S
     lr: float = 0.03            # α
     second_order: bool = False  # line 14 differentiates through the S steps ("meta" only)
-    cache_trunk: bool = True    # "meta": f(x_tr; θp) once per task, which is exact (Tagger.trunk_is_fixed_by_pretrained)
+    cache_trunk: bool = True    # "meta": f(x_tr; θp) once per task: exact without dropout; in training one draw serves all S
 
 
 def task_loss(model, params, batch, lang, hidden=None):
