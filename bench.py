@@ -19,7 +19,7 @@ import torch
 
 import meta
 from data import collate
-from model import Tagger, named_params, token_loss
+from model import Tagger, token_loss
 
 MBERT_SHAPE = dict(vocab_size=119547, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                    intermediate_size=3072, max_position_embeddings=512)
@@ -74,10 +74,8 @@ def run(args):
     batches = [{k: v.to(device) for k, v in collate(pool[i:i + args.batch_size], pad_id=0).items()}
                for i in range(0, len(pool), args.batch_size)]
     tasks = [("en", batches[0], batches[1]), ("es", batches[2], batches[3])]
-    one_cycle = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    fused = device.type == "cuda"
 
-    everything = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
+    everything = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
 
     def ft_step():
         everything.zero_grad(set_to_none=True)
@@ -88,8 +86,7 @@ def run(args):
         with torch.no_grad():
             model.encode(batches[0]["input_ids"], batches[0]["attention_mask"])
 
-    meta_opt = torch.optim.AdamW(named_params(model, "pretrained", "pe").values(), lr=1e-5, fused=fused)
-    meta_sched = one_cycle(meta_opt)
+    meta_opt, meta_sched = meta.priming_optimizer(model, 1e-5, steps=float("inf"))  # priming's AdamW, θp ∪ θa; no decay
     step = lambda variant, cache, lr, second_order=False: lambda: meta.meta_step(
         model, meta_opt, meta_sched, tasks, meta.InnerLoop(variant, 5, lr, second_order, cache))
     cases = {"ft step": ft_step, "forward": forward, "meta cached": step("meta", True, 0.03),
