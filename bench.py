@@ -8,8 +8,7 @@
 Medians of repeats, all in one process on one device, so that ratios hold on a noisy machine: a
 fine-tuning step of the whole model (the unit), the encoder's forward, meta-steps (2 tasks, S = 5)
 of Algorithm 1 with the trunk once ("cached") or line by line ("full"), of the MAML loop, and of
-the exact meta-gradient ("2nd"). Peak memory on CUDA only, each case's own: the optimizers' state is
-freed after each case and the peak counted from before its warm-up.
+the exact meta-gradient ("2nd"). Peak memory on CUDA only, each case's own (measure, run).
 """
 import argparse
 import statistics
