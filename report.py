@@ -4,9 +4,8 @@
 
 Every table and claim is computed from `results.jsonl`, one JSON line per fine-tuning run, so it
 must hold each run once: kyg.py claims a run before it starts it and appends its line, each under
-a `lock`, which the operating system drops when its process dies, on Linux, macOS and Windows.
-Then the paper's Table 1, the map of its rows (ours too) that run.sh also reads, the orderings
-the paper claims, and `table`. Imports no torch.
+a `lock` that dies with its process. Then the paper's Table 1, the map of its rows (ours too)
+that run.sh also reads, the orderings the paper claims, and `table`. Imports no torch.
 """
 import json
 import os
