@@ -202,8 +202,7 @@ PRIMING_RECORD, PRIMING_STATE, THETA_A = "priming.json", "priming-state.safetens
 
 
 def save_primed(model, tokenizer, priming, directory):
-    """θp as save_pretrained writes it, without LoRA's factors (AutoModel does not know them); θa in
-    pe.safetensors; priming.json last."""
+    """The directory described above; θp without LoRA's factors, which AutoModel does not know."""
     model.encoder.save_pretrained(directory, state_dict={name: value for name, value in
                                                          model.encoder.state_dict().items() if ".lora_" not in name})
     tokenizer.save_pretrained(directory)
