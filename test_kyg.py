@@ -137,6 +137,7 @@ def start_and_kill(args, done):
 # ---------------------------------------- data: reading WikiAnn, labels on sub-words, entity-level F1
 
 
+@pytest.mark.exercise1
 def test_labels_sit_on_the_first_subword_only(tagger):
     _, tokenizer = tagger
     sentence = D.Sentence(["kalomi", "su", "vide"], [D.LABEL_ID["B-PER"], 0, D.LABEL_ID["B-LOC"]])
@@ -147,6 +148,7 @@ def test_labels_sit_on_the_first_subword_only(tagger):
     assert ex.word_positions == [1, 4, 5]
 
 
+@pytest.mark.exercise1
 def test_truncation_cuts_the_input_but_every_gold_word_is_scored(tagger):
     _, tokenizer = tagger
     words = ["kalo"] * 10 + ["vide"]
@@ -275,6 +277,7 @@ def test_a_distilbert_is_primed_and_tuned_from_the_command_line(tiny, tmp_path):
     assert record["priming"] == "meta-lora" and 0 <= record["test_f1"] <= 100, record
 
 
+@pytest.mark.exercise2
 def test_a_lora_layer_adds_its_scaled_low_rank_update_to_w_x():
     """LoRA's θa (Hu et al.): with B ≠ 0, a layer computes W x + (α/r)·B A x, α/r = 16/8 = 2.
     Catches the update without its scale α/r, and W x left out."""
@@ -290,6 +293,7 @@ def test_a_lora_layer_adds_its_scaled_low_rank_update_to_w_x():
                                msg=lambda report: f"W x + (α/r)·B A x with α/r = 2: {report}")
 
 
+@pytest.mark.exercise2
 def test_a_fresh_lora_changes_nothing_and_sits_in_theta_a(tiny):
     torch.manual_seed(0)
     plain, tokenizer = M.load(tiny["model"], ["en"], pe_method=None)
@@ -375,6 +379,7 @@ def eighty_examples_each(languages):
     return {lang: [D.Example([i], [], [], []) for i in range(80)] for lang in languages}
 
 
+@pytest.mark.exercise3
 def test_tasks_are_disjoint_support_and_query_one_per_language():
     sampler = D.TaskSampler(eighty_examples_each(["en", "es"]), 8, 4, seed=0)
     tasks = sampler.sample()
@@ -385,6 +390,7 @@ def test_tasks_are_disjoint_support_and_query_one_per_language():
     assert sampler.steps_per_pass() == 80 // 12
 
 
+@pytest.mark.exercise3
 def test_a_pass_over_the_source_data_draws_each_sentence_once():
     """Alg. 1, line 7: steps_per_pass() meta-batches see every sentence of a language at most once
     (catches sampling with replacement, or a queue reshuffled before it is used up)."""
@@ -399,6 +405,8 @@ def test_a_pass_over_the_source_data_draws_each_sentence_once():
 
 
 @pytest.mark.parametrize("variant", ["meta", "maml"])
+@pytest.mark.exercise4
+@pytest.mark.exercise5
 def test_the_inner_loops_copies_are_leaves_that_share_nothing_with_theta(any_pe_tagger, variant):
     """Alg. 1, line 9: θ^i = θ for what the inner loop updates (θa, the task's θh; in "maml" θp too),
     each a copy of its own: equal to θ, a leaf of no graph, in storage of its own, so that neither a
@@ -421,6 +429,7 @@ def test_the_inner_loops_copies_are_leaves_that_share_nothing_with_theta(any_pe_
     assert not reached, f"a gradient through the copies reached θ itself: {reached}"
 
 
+@pytest.mark.exercise5
 def test_pe_inner_loop_leaves_pretrained_untouched_and_adapts_adapter_and_head(any_pe_tagger, tiny):
     model, tokenizer = any_pe_tagger
     before = snapshot(model)
@@ -435,6 +444,7 @@ def test_pe_inner_loop_leaves_pretrained_untouched_and_adapts_adapter_and_head(a
     assert support_losses.shape == (5,) and support_losses[-1] < support_losses[0], support_losses  # float32's step at first)
 
 
+@pytest.mark.exercise5
 def test_maml_inner_loop_changes_pretrained_only_in_the_clone(tagger, tiny):
     model, tokenizer = tagger
     before = snapshot(model)
@@ -446,6 +456,7 @@ def test_maml_inner_loop_changes_pretrained_only_in_the_clone(tagger, tiny):
         assert torch.equal(p, before[name]), f"{name} {moved_by(p, before[name])}"
 
 
+@pytest.mark.exercise5
 def test_cached_trunk_inner_loop_equals_the_line_by_line_loop(tagger, tiny):
     model, tokenizer = tagger
     support = batch_of(tiny, tokenizer, "en", 0, 8)
@@ -487,6 +498,7 @@ def by_hand(model, support, query, lang, inner_steps, alpha, red_line=False):
 
 
 @pytest.mark.parametrize("variant", ["meta", "maml"])
+@pytest.mark.exercise5
 def test_the_inner_loop_takes_s_steps_of_sgd_each_at_its_own_gradient(any_pe_tagger, tiny, variant):
     """Alg. 1, lines 10-11, first order, S = 3: θ^i after adapt() is θ^i stepped by hand. Catches a
     step that reuses the first step's gradient, and one that leaves θh^i (or θp^i) where it was."""
@@ -498,6 +510,7 @@ def test_the_inner_loop_takes_s_steps_of_sgd_each_at_its_own_gradient(any_pe_tag
         torch.testing.assert_close(p.detach(), hand.get_parameter(name).detach(), rtol=1e-4, atol=1e-6, msg=about(name))
 
 
+@pytest.mark.exercise5
 def test_the_inner_loops_first_support_loss_is_the_loss_at_theta(any_pe_tagger, tiny):
     """The support curve holds the loss before each inner step, so it starts at L(f_θ, 𝒟tr), the
     model's own loss (catches the loss recorded after each step instead)."""
@@ -522,6 +535,7 @@ def added_meta_gradient(model, tasks, inner):
             for n, p in M.named_params(model, "pretrained", "pe").items()}
 
 
+@pytest.mark.exercise6
 def test_first_order_meta_gradient_is_the_query_gradient_at_the_adapted_parameters(any_pe_tagger, tiny):
     """Line 14 for one task, S = 3: what reaches .grad of θp and θa is the gradient of the query loss
     at θ^i. Catches a meta-gradient taken at θ instead, and θa's left in the copies."""
@@ -534,6 +548,7 @@ def test_first_order_meta_gradient_is_the_query_gradient_at_the_adapted_paramete
     assert any(expected[n].abs().sum() > 0 for n in expected if M.group_of(n, model.pe_method) == "pretrained")
 
 
+@pytest.mark.exercise6
 def test_the_meta_gradient_of_a_batch_of_tasks_is_the_sum_of_each_tasks(any_pe_tagger, tiny):
     """Line 14's Σ over 𝒯i: task after task, .grad of θp and θa holds g(en) + g(es), each computed
     by hand. Catches a gradient overwritten by the next task's, or one of the tasks' dropped."""
@@ -546,6 +561,7 @@ def test_the_meta_gradient_of_a_batch_of_tasks_is_the_sum_of_each_tasks(any_pe_t
                                    msg=about(name))
 
 
+@pytest.mark.exercise6
 def test_the_maml_loops_meta_gradient_reaches_theta_p_through_its_adapted_copy(tagger, tiny):
     """Row 6, the red line, first order: S steps of SGD on all of θ in a copy, then the query
     gradient at the copy, for θp as for θa. Catches a line 14 that drops the θp gradients living
@@ -560,6 +576,7 @@ def test_the_maml_loops_meta_gradient_reaches_theta_p_through_its_adapted_copy(t
     assert any(added[n].abs().sum() > 0 for n in added if M.group_of(n) == "pretrained")
 
 
+@pytest.mark.exercise7
 def test_meta_step_moves_theta_p_and_theta_a_by_the_sum_of_the_tasks_gradients(tagger, tiny):
     """Line 14 as a whole: one meta-step with plain SGD at lr 1 moves θp and θa by minus the sum of
     the tasks' meta-gradients, each computed by hand (catches an optimizer step per task)."""
@@ -575,6 +592,7 @@ def test_meta_step_moves_theta_p_and_theta_a_by_the_sum_of_the_tasks_gradients(t
                                    atol=1e-6, msg=about(name))
 
 
+@pytest.mark.exercise7
 def test_meta_step_starts_from_zero_gradients_and_steps_optimizer_and_schedule_once(tagger, tiny):
     """Line 14 is one update per meta-step: a second meta-step at lr 0 leaves in .grad exactly what
     the same step leaves from fresh gradients (catches a missing zero_grad), and the optimizer and
@@ -599,6 +617,7 @@ def test_meta_step_starts_from_zero_gradients_and_steps_optimizer_and_schedule_o
     assert steps == ["optimizer"] * 2 and scheduler.last_epoch == 2, (steps, scheduler.last_epoch)
 
 
+@pytest.mark.exercise7
 def test_meta_step_returns_the_summed_query_loss_and_the_mean_support_curve(tagger, tiny):
     """What prime() records of a meta-step: the query loss at θ^i summed over its tasks (line 14's Σ)
     and the support curve averaged over them, each task's as adapt() gives it. Catches the curves
@@ -617,6 +636,7 @@ def test_meta_step_returns_the_summed_query_loss_and_the_mean_support_curve(tagg
                                msg=lambda report: f"the tasks' curves {[c.tolist() for c in curves]}: {report}")
 
 
+@pytest.mark.exercise7
 def test_meta_step_sets_each_head_to_its_first_task_adapted_head_and_moves_theta(tagger, tiny):
     """Line 15, θh = θh¹, with a head per language: each head is the one its language's first task
     adapted, not a later task's (catches the last task's head kept)."""
@@ -667,6 +687,7 @@ def unrolled_meta_gradient(model, support, query, lang, inner_steps, lr):
     return {n: g if g is not None else torch.zeros_like(p) for (n, p), g in zip(meta_params.items(), grads)}
 
 
+@pytest.mark.exercise8
 def test_second_order_meta_gradient_is_the_gradient_through_the_inner_steps(tagger, tiny):
     model, tokenizer = tagger
     model.double()
@@ -681,6 +702,7 @@ def test_second_order_meta_gradient_is_the_gradient_through_the_inner_steps(tagg
     assert any(exact[n].abs().max() > 0 for n in exact if n.startswith("encoder."))
 
 
+@pytest.mark.exercise8
 def test_second_order_meta_gradient_agrees_with_finite_differences_along_theta_p(tagger, tiny):
     model, tokenizer = tagger
     model.double()
@@ -707,6 +729,7 @@ def test_second_order_meta_gradient_agrees_with_finite_differences_along_theta_p
     assert numeric == pytest.approx(analytic, rel=1e-6)
 
 
+@pytest.mark.exercise8
 def test_second_order_meta_gradient_of_a_batch_of_tasks_is_the_sum_of_each_tasks(tagger, tiny):
     """Line 14's Σ with the exact meta-gradient: catches per-task zeroing of .grad on that path."""
     model, tokenizer = tagger
@@ -749,6 +772,16 @@ def test_the_priming_rate_decays_linearly_to_zero(tagger):
     assert used == pytest.approx([5e-5, 3.75e-5, 2.5e-5, 1.25e-5], abs=1e-12), used
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
+
+
+def test_each_exercise_check_runs_the_tests_marked_for_it():
+    """EXERCISES.md's checks select tests by mark (`-m exerciseN`), so that a test joins a check only
+    when marked for it (it needs no later exercise), never because of a word in its name."""
+    text = open(os.path.join(HERE, "EXERCISES.md"), encoding="utf-8").read()
+    checks = [line.split(" -m ")[-1].split("`")[0] for line in text.splitlines() if "pytest test_kyg.py -m " in line]
+    marked = {mark.name for test in globals().values() for mark in getattr(test, "pytestmark", [])}
+    assert checks == [f"exercise{n}" for n in range(1, 9)], checks
+    assert set(checks) <= marked, f"checks that select no test: {sorted(set(checks) - marked)}"
 
 # ---------------------------------------- priming: Algorithm 1 and setting 5 from end to end
 
