@@ -272,7 +272,8 @@ def start_priming(args, settings, device):
     """The model, tokenizer, task sampler (Alg. 1, line 7) and optimizer of a priming from its start;
     its settings with the number of steps resolved."""
     seed_everything(args.seed)
-    model, tokenizer = M.load(args.model, args.source, args.pe, args.bottleneck)
+    encoder, tokenizer = M.load_encoder(args.model)
+    model = M.Tagger(encoder, args.source, args.pe, args.bottleneck)
     model.bf16 = args.bf16
     sources = {lang: encode(load_split(lang, "train", args.data_dir, args.max_train), tokenizer, args.max_length)
                for lang in args.source}

@@ -85,8 +85,11 @@ class Tagger(nn.Module):
             for linear in projections:
                 LoRALinear.convert(linear)
         # f's own dropout rate, before the head: hidden_dropout_prob in BERT and XLM-R, dropout in DistilBERT
-        self.dropout = nn.Dropout(config.hidden_dropout_prob if hasattr(config, "hidden_dropout_prob")
-                                  else config.dropout)
+        rate = getattr(config, "hidden_dropout_prob", getattr(config, "dropout", None))
+        if rate is None:
+            raise KygError(f"kyg runs encoders of the BERT, XLM-R or DistilBERT family, not {config.model_type}; "
+                           f"pass such a --model")
+        self.dropout = nn.Dropout(rate)
         self.heads = nn.ModuleDict({lang: nn.Linear(config.hidden_size, len(LABELS)) for lang in languages})
         for head in self.heads.values():
             nn.init.normal_(head.weight, std=config.initializer_range)
@@ -136,12 +139,6 @@ def token_loss(logits, labels):
 
 
 # ----------------------------------------------------------------------------- loading
-
-def load(model_name, languages, pe_method="adapter", bottleneck=64):
-    """(Tagger, tokenizer) for a hub name or a local directory; errors say what is missing."""
-    encoder, tokenizer = load_encoder(model_name)
-    return Tagger(encoder, languages, pe_method, bottleneck), tokenizer
-
 
 def load_encoder(model_name):
     """(f, tokenizer) for a hub name or a local directory. Loading draws nothing from torch's global

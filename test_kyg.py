@@ -39,6 +39,12 @@ import report
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def load_tagger(model_dir, languages, pe_method="adapter"):
+    """(Tagger, tokenizer) for a model directory, built as `kyg.py prime` builds its model."""
+    encoder, tokenizer = M.load_encoder(model_dir)
+    return M.Tagger(encoder, languages, pe_method), tokenizer
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
@@ -50,7 +56,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture
 def tagger(tiny):
     torch.manual_seed(0)
-    model, tokenizer = M.load(tiny["model"], ["en", "es"])
+    model, tokenizer = load_tagger(tiny["model"], ["en", "es"])
     model.eval()  # dropout off: the properties below are exact, not statistical
     return model, tokenizer
 
@@ -59,7 +65,7 @@ def tagger(tiny):
 def any_pe_tagger(tiny, request):
     """The tagger with θa of each PE method: the adapter, LoRA, BitFit."""
     torch.manual_seed(0)
-    model, tokenizer = M.load(tiny["model"], ["en", "es"], pe_method=request.param)
+    model, tokenizer = load_tagger(tiny["model"], ["en", "es"], pe_method=request.param)
     model.eval()
     return model, tokenizer
 
@@ -224,7 +230,7 @@ def test_model_without_tokenizer_raises_one_clear_error(tiny, tmp_path):
         if name.startswith(("tokenizer", "vocab", "special")):
             os.remove(tmp_path / "m" / name)
     with pytest.raises(report.KygError, match=r"tokenizer.*; save one beside the weights"):  # wording: by version
-        M.load(str(tmp_path / "m"), ["hi"])
+        load_tagger(str(tmp_path / "m"), ["hi"])
 
 
 def test_parameter_groups_partition_the_model(tagger):
@@ -252,7 +258,7 @@ def test_each_encoder_family_tags_and_primes_with_each_pe_method(tiny, family, p
     (LoRA's: A and B on the query and the value projection of every layer), and one meta-step
     moves θp, θa and θh."""
     torch.manual_seed(0)
-    model, tokenizer = M.load(tiny_encoder_of(family, tiny), ["en", "es"], pe_method=pe)
+    model, tokenizer = load_tagger(tiny_encoder_of(family, tiny), ["en", "es"], pe_method=pe)
     assert type(model.encoder).__name__.lower().startswith(family.replace("-", "")), type(model.encoder)
     if pe == "lora":
         layers = model.encoder.config.num_hidden_layers
@@ -262,6 +268,15 @@ def test_each_encoder_family_tags_and_primes_with_each_pe_method(tiny, family, p
     meta.meta_step(model, adamw, constant_lr(adamw), two_tasks(tiny, tokenizer), meta.InnerLoop(steps=2))
     moved = {M.group_of(n, pe) for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved == {"pretrained", "pe", "head"}, moved
+
+
+def test_an_encoder_of_another_family_is_refused_in_one_line():
+    """ModernBERT names its dropout neither as BERT nor as DistilBERT does: kyg says what it runs."""
+    encoder = transformers.ModernBertModel(transformers.ModernBertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2))
+    with pytest.raises(report.KygError, match=r"BERT, XLM-R or DistilBERT family, not modernbert; pass"):
+        M.Tagger(encoder, ["hi"])
 
 
 def test_a_distilbert_is_primed_and_tuned_from_the_command_line(tiny, tmp_path):
@@ -296,8 +311,8 @@ def test_a_lora_layer_adds_its_scaled_low_rank_update_to_w_x():
 @pytest.mark.exercise2
 def test_a_fresh_lora_changes_nothing_and_sits_in_theta_a(tiny):
     torch.manual_seed(0)
-    plain, tokenizer = M.load(tiny["model"], ["en"], pe_method=None)
-    lora, _ = M.load(tiny["model"], ["en"], pe_method="lora")
+    plain, tokenizer = load_tagger(tiny["model"], ["en"], pe_method=None)
+    lora, _ = load_tagger(tiny["model"], ["en"], pe_method="lora")
     plain.eval(), lora.eval()
     batch = batch_of(tiny, tokenizer, "en", 0, 8)
     assert torch.equal(lora.encode(batch["input_ids"], batch["attention_mask"]),
@@ -341,11 +356,11 @@ def test_a_primed_model_is_a_hugging_face_directory_holding_the_primed_weights(t
 def test_a_primed_directory_loads_whether_its_encoder_is_one_file_or_shards(tiny, tmp_path):
     kyg.main(["prime", "--method", "meta", "--source", "en", "--steps", "2", "--support-size", "8", "--query-size",
               "8", "--meta-lr", "1e-2", "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(tmp_path / "m")])
-    one_file, _ = M.load(str(tmp_path / "m"), ["hi"])
+    one_file, _ = load_tagger(str(tmp_path / "m"), ["hi"])
     os.remove(tmp_path / "m" / "model.safetensors")
     one_file.encoder.save_pretrained(str(tmp_path / "m"), max_shard_size="50KB")  # as for a large encoder
     assert len(list(tmp_path.glob("m/model-*-of-*.safetensors"))) > 1
-    sharded, _ = M.load(str(tmp_path / "m"), ["hi"])
+    sharded, _ = load_tagger(str(tmp_path / "m"), ["hi"])
     for (name, p), q in zip(one_file.encoder.named_parameters(), sharded.encoder.parameters()):
         assert torch.equal(p, q), name
 
@@ -366,7 +381,7 @@ def test_a_run_starts_from_the_in_memory_encoder_exactly_as_from_a_fresh_load(ti
         kyg.seed_everything(seed)
         copied = kyg.tagger(args, None, kept, "hi")
         kyg.seed_everything(seed)
-        fresh, _ = M.load(str(tmp_path / "m"), ["hi"])
+        fresh, _ = load_tagger(str(tmp_path / "m"), ["hi"])
         for (name, p), q in zip(copied.named_parameters(), fresh.parameters()):
             assert torch.equal(p, q), name
 
@@ -839,7 +854,7 @@ def test_lora_and_bitfit_prime_and_tune_only_their_parameters(tiny, tmp_path, pe
     common = ["--model", tiny["model"], "--data-dir", tiny["data"]]
     kyg.main(["prime", "--method", "meta", "--pe", pe, "--source", "en", "es", "--steps", "2", "--support-size", "8",
               "--query-size", "8", "--out", str(tmp_path / "p"), *common])
-    primed, _ = M.load(tiny["model"], ["hi"], pe_method=pe)
+    primed, _ = load_tagger(tiny["model"], ["hi"], pe_method=pe)
     priming = M.read_priming(str(tmp_path / "p"))
     assert priming["pe"] == pe
     M.load_primed(primed, priming, str(tmp_path / "p"))  # θa primed for this method is carried ...
@@ -847,7 +862,7 @@ def test_lora_and_bitfit_prime_and_tune_only_their_parameters(tiny, tmp_path, pe
     assert theta_a.keys() == M.named_params(primed, "pe").keys()
     assert all(torch.equal(M.named_params(primed, "pe")[n], v) for n, v in theta_a.items())
     torch.manual_seed(0)
-    other, _ = M.load(tiny["model"], ["hi"], pe_method="adapter")
+    other, _ = load_tagger(tiny["model"], ["hi"], pe_method="adapter")
     fresh_adapter = {n: p.clone() for n, p in M.named_params(other, "pe").items()}
     M.load_primed(other, priming, str(tmp_path / "p"))  # ... and a θa of another method starts fresh
     assert all(torch.equal(M.named_params(other, "pe")[n], v) for n, v in fresh_adapter.items())
