@@ -22,7 +22,6 @@ from report import KygError
 # The WikiAnn tag set, in the hub's class-id order (ids 0..6).
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
 LABEL_ID = {tag: i for i, tag in enumerate(LABELS)}
-SPLITS = ("train", "dev", "test")
 HUB_DATASET = "unimelb-nlp/wikiann"
 
 
@@ -236,7 +235,7 @@ def write_tiny_data(directory, languages, sizes=(200, 50, 50), seed=0):
     for lang in languages:
         rng = random.Random(f"{seed}-{lang}")
         word = lambda first: first + "".join(rng.choices(others, k=rng.randint(0, 2)))
-        for split, size in zip(SPLITS, sizes):
+        for split, size in zip(("train", "dev", "test"), sizes):
             lines = []
             for _ in range(size):
                 for _ in range(rng.randint(3, 10)):
@@ -246,4 +245,3 @@ def write_tiny_data(directory, languages, sizes=(200, 50, 50), seed=0):
                 lines.append(".\tO\n")
             os.makedirs(os.path.join(directory, lang), exist_ok=True)
             Path(directory, lang, f"{split}.tsv").write_text("\n".join(lines), encoding="utf-8")
-    return directory

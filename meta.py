@@ -25,10 +25,12 @@ as the paper's (§4.2); "meta" can be exact (`second_order`). θa is the adapter
 BitFit's (model.py): the loop only asks which parameters are θa. `fine_tune_step()` is setting 5:
 multi-task fine-tuning on the same data, optimizer, schedule and number of updates.
 """
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import group_of, named_params, token_loss
 
@@ -76,7 +78,10 @@ def adapt(model, support, lang, inner):
         with torch.set_grad_enabled(inner.second_order):  # second order: θp reaches the query loss through h
             hidden = model.encode(support["input_ids"], support["attention_mask"])
     for _ in range(inner.steps):  # Alg. 1, line 10
-        loss = task_loss(model, fast, support, lang, hidden)
+        # Second order, line 14 differentiates this loss twice, and so f's attention where θa lives inside
+        # f (LoRA, BitFit): only PyTorch's plain attention kernel has a second derivative, its fused ones none.
+        with sdpa_kernel(SDPBackend.MATH) if inner.second_order else nullcontext():
+            loss = task_loss(model, fast, support, lang, hidden)
         support_losses.append(loss.detach())  # before the step: the first is the loss at θ
         # Alg. 1, line 11 (and, in "maml", the red line): θ^i ← θ^i − α∇L(f_θ^i, 𝒟tr)
         if inner.second_order:

@@ -235,8 +235,9 @@ def load_primed(model, priming, directory):
     theta_a = load_tensors(os.path.join(directory, THETA_A))[0]
     with torch.no_grad():
         for name, p in named_params(model, "pe").items() if priming["pe"] == model.pe_method else []:
-            if name not in theta_a:
-                raise KygError(f"{directory}/{THETA_A} lacks {name}; delete {directory} and prime again")
+            if name not in theta_a or theta_a[name].shape != p.shape:  # a damaged file, another --bottleneck
+                raise KygError(f"{directory}/{THETA_A} has no {name} of shape {list(p.shape)}; pass --bottleneck "
+                               f"{priming.get('bottleneck')}, as it was primed with, or prime it again")
             p.copy_(theta_a[name])
 
 
@@ -285,4 +286,3 @@ def write_tiny_model(directory, syllables, seed=0):
     Path(directory, "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": False}),  # the fast one loads it
                os.path.join(directory, "tokenizer_config.json"))
-    return directory

@@ -686,12 +686,19 @@ def meta_gradient(model, tasks, inner_steps, second_order):
 
 def unrolled_meta_gradient(model, support, query, lang, inner_steps, lr):
     """The exact meta-gradient, computed independently of meta.py: S inner steps of the whole
-    model, each kept in the graph (create_graph=True), then ∂ of the query loss w.r.t. θp and θa."""
+    model, each kept in the graph (create_graph=True), then ∂ of the query loss w.r.t. θp and θa
+    (in PyTorch's plain attention, the one with a second derivative)."""
     from torch.func import functional_call
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     run = lambda params, batch: M.token_loss(functional_call(
         model, params, (lang,), {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}),
         batch["labels"])
-    fast = {n: p for n, p in model.named_parameters() if n.startswith("adapter.")}
+    with sdpa_kernel(SDPBackend.MATH):
+        return unrolled(model, run, support, query, lang, inner_steps, lr)
+
+
+def unrolled(model, run, support, query, lang, inner_steps, lr):
+    fast = dict(M.named_params(model, "pe"))
     fast.update({n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()
                  if n.startswith(f"heads.{lang}.")})
     for _ in range(inner_steps):
@@ -703,8 +710,9 @@ def unrolled_meta_gradient(model, support, query, lang, inner_steps, lr):
 
 
 @pytest.mark.exercise8
-def test_second_order_meta_gradient_is_the_gradient_through_the_inner_steps(tagger, tiny):
-    model, tokenizer = tagger
+def test_second_order_meta_gradient_is_the_gradient_through_the_inner_steps(any_pe_tagger, tiny):
+    """For each PE method's θa: LoRA's and BitFit's live inside f, so f's attention is differentiated twice."""
+    model, tokenizer = any_pe_tagger
     model.double()
     support, query = batch_of(tiny, tokenizer, "en", 0, 8), batch_of(tiny, tokenizer, "en", 8, 8)
     exact = unrolled_meta_gradient(model, support, query, "en", inner_steps=3, lr=0.03)
@@ -1158,12 +1166,14 @@ def bad_input(tiny, tmp_path, case):
         weights = tmp_path / "m" / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
     if case == "an init from another model":
-        other = M.write_tiny_model(str(tmp_path / "other"), D.TINY_SYLLABLES, seed=1)
+        other = str(tmp_path / "other")
+        M.write_tiny_model(other, D.TINY_SYLLABLES, seed=1)
         kyg.main(["prime", "--method", "meta", "--steps", "1", "--support-size", "8", "--query-size", "8",
                   "--out", str(tmp_path / "m"), "--model", other, "--data-dir", tiny["data"]])
-    if case == "a directory primed by an older kyg":
+    if case in ("a directory primed by an older kyg", "an adapter of another size"):
         kyg.main(["prime", "--method", "meta", "--steps", "1", "--support-size", "8", "--query-size", "8",
                   "--out", str(tmp_path / "m"), *common])
+    if case == "a directory primed by an older kyg":
         os.rename(tmp_path / "m" / M.THETA_A, tmp_path / "m" / "adapter.safetensors")
     if case == "a data file that is not UTF-8":
         shutil.copytree(tiny["data"], tmp_path / "d")
@@ -1187,6 +1197,8 @@ def bad_input(tiny, tmp_path, case):
         "a malformed results line": (tune, "results.jsonl, line 1, is not a JSON record"),
         "a results file of another format": (["table", str(tmp_path / "r")], "is not a kyg result of format 3"),
         "a directory primed by an older kyg": (tune + ["--init", str(tmp_path / "m")], "primed by an older kyg"),
+        "an adapter of another size": (tune + ["--init", str(tmp_path / "m"), "--bottleneck", "16"],
+                                       "has no adapter.down.weight of shape [16, 32]; pass --bottleneck 64"),
         "a device this machine lacks": (tune + ["--device", "cuda:7"], "--device cuda:7 is not available here"),
         "a device that does not exist": (tune + ["--device", "tpu"], "--device tpu is not available here"),
         "an --out under a file": (tune[:5] + ["--out", os.path.join(HERE, "README.md", "r"), *common], "Not a directory"),
@@ -1201,6 +1213,7 @@ def bad_input(tiny, tmp_path, case):
                                   "zero epochs", "zero batch size", "a negative learning rate",
                                   "zero training sentences", "zero priming steps", "a malformed results line",
                                   "a results file of another format", "a directory primed by an older kyg",
+                                  "an adapter of another size",
                                   "a device this machine lacks", "a device that does not exist", "an --out under a file",
                                   "a primed --out under a file", "a data file that is not UTF-8"])
 def test_bad_input_is_one_error_line(tiny, tmp_path, case):
