@@ -88,7 +88,9 @@ def parser():
 
     def shared(q):
         q.add_argument("--model", default=MODEL, help=f"hub name or local directory (default {MODEL})")
-        q.add_argument("--data-dir", help="local WikiAnn, {lang}/{train,dev,test}.tsv[.gz] (default: the hub)")
+        # --data-dir, as --init, in one spelling (no trailing slash, no ./): a run's key holds it (run_config)
+        q.add_argument("--data-dir", type=os.path.normpath,
+                       help="local WikiAnn, {lang}/{train,dev,test}.tsv[.gz] (default: the hub)")
         q.add_argument("--device", help="default: cuda when present, else cpu")
         q.add_argument("--bf16", action="store_true", help="run the encoder's forward under bfloat16 autocast "
                        "(losses, optimizer and stored features stay fp32); off: the paper's numbers are fp32")
@@ -124,7 +126,7 @@ def parser():
     shared(q)
     q.add_argument("--method", choices=list(FINETUNE_LR), required=True,
                    help="what is trained: everything, θh alone, or θh and the θa of a PE method")
-    q.add_argument("--init", help="a primed model directory (default: the plain pretrained model)")
+    q.add_argument("--init", type=os.path.normpath, help="a primed model directory (default: the pretrained model)")
     q.add_argument("--lang", nargs="+", required=True, help="one run per language, rate and seed")
     q.add_argument("--seed", type=int, nargs="+", default=[1])
     q.add_argument("--epochs", type=count, default=EPOCHS)

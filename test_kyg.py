@@ -915,13 +915,17 @@ def test_several_learning_rates_run_in_one_process_and_are_recorded(tiny, tmp_pa
         [(1e-3, 1e-3, "constant"), (3e-3, 3e-3, "constant")]
 
 
-def test_a_default_rate_and_the_same_rate_named_are_one_run(tiny, tmp_path):
-    """The record keeps the rate the run used, so naming the default makes no second run."""
+def test_a_run_asked_for_in_other_words_is_one_run(tiny, tmp_path):
+    """The record keeps the rate the run used, so naming the default makes no second run; nor does a
+    directory spelled otherwise (a trailing slash, as shell completion adds, or ./)."""
     args = ["finetune", "--method", "head", "--lang", "hi", "--epochs", "1", "--model", tiny["model"],
-            "--data-dir", tiny["data"], "--no-save", "--out", str(tmp_path)]
-    kyg.main(args)
-    kyg.main(args + ["--lr", str(kyg.FINETUNE_LR["head"])])
-    assert [(r["lr"], r["config"]["lr"]) for r in report.read_results(str(tmp_path))] == [(1e-3, 1e-3)]
+            "--no-save", "--out", str(tmp_path)]
+    kyg.main(args + ["--data-dir", tiny["data"]])
+    kyg.main(args + ["--data-dir", tiny["data"], "--lr", str(kyg.FINETUNE_LR["head"])])
+    kyg.main(args + ["--data-dir", tiny["data"] + "/"])
+    kyg.main(args + ["--data-dir", os.path.join(tiny["data"], ".", "")])
+    records = report.read_results(str(tmp_path))
+    assert [(r["lr"], r["config"]["lr"], r["config"]["data_dir"]) for r in records] == [(1e-3, 1e-3, tiny["data"])]
 
 
 def test_live_trunk_is_only_for_a_frozen_trunk(tiny, tmp_path):
