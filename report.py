@@ -55,8 +55,11 @@ def append_result(directory, record):
 def read_results(directory):
     """The records of DIR/results.jsonl; a line that is not one is a KygError naming it."""
     path = os.path.join(directory, "results.jsonl")
-    records = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines() if os.path.isfile(path) else [], 1):
+    lines, records = [], []
+    if os.path.isfile(path):
+        with lock(f"{path}.lock"):  # not halfway through another process's append_result
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:

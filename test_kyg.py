@@ -1278,6 +1278,24 @@ def test_run_sh_primes_with_the_flags_its_label_names():
 # ---------------------------------------- reliability: stopped, killed and side-by-side runs, reruns
 
 
+def test_results_are_read_between_appends_never_halfway_through_one(tmp_path):
+    """A reader (a worker asking whether its run is recorded) waits while another process holds the
+    results file to append, so it never reads a half-written line."""
+    import threading
+    report.append_result(str(tmp_path), {"priming": "none", "method": "head", "lang": "hi", "seed": 1, "test_f1": 1.0})
+    path, read = tmp_path / "results.jsonl", []
+    reader = threading.Thread(target=lambda: read.append(report.read_results(str(tmp_path))))
+    with report.lock(f"{path}.lock"), open(path, "a", encoding="utf-8") as f:  # an append under way
+        f.write('{"format": 3, "priming": "none", "method": "head", ')
+        f.flush()
+        reader.start()
+        reader.join(0.5)
+        assert reader.is_alive() and not read, read
+        f.write('"lang": "hi", "seed": 2, "test_f1": 2.0}\n')
+    reader.join()
+    assert [r["seed"] for r in read[0]] == [1, 2]
+
+
 @pytest.mark.slow  # starts processes
 @pytest.mark.parametrize("prelude", ["", WITHOUT_FCNTL], ids=["fcntl", "no fcntl"])
 def test_side_by_side_runs_keep_every_result(tmp_path, prelude):
