@@ -6,7 +6,7 @@ blank line between sentences); the examples are the same. Then, for model.py, me
   encode()      words -> sub-word ids; the gold tag sits on each word's first sub-word, -100 elsewhere
   batches()     dynamic padding, length-bucketed: {input_ids, attention_mask, labels} [B, T]
   TaskSampler   one priming task per source language: disjoint support 𝒟tr and query 𝒟ts batches
-  word_tags()   sub-word logits back to one tag per gold word (words the model never saw are `O`)
+  word_tags()   predicted label ids of sub-words back to one tag per gold word (unseen words are `O`)
   f1()          entity-level micro F1 (seqeval, IOB2)
 """
 import gzip

@@ -112,8 +112,8 @@ class Tagger(nn.Module):
     def trunk_is_fixed_by_pretrained(self):
         """Whether f(x; θp) depends on θp alone (the adapter, or none; not LoRA's or BitFit's θa, which
         live inside f): then while θp is frozen f's output on a batch is the same at every step and no
-        gradient of θa or θh enters f, so f runs once per batch (meta.adapt) or per sentence (kyg.py's
-        stored features), exact but for f's dropout, drawn once."""
+        gradient of θa or θh enters f, so f runs once per batch (meta.adapt: one dropout draw serves the
+        S steps) or per sentence (kyg.py's stored features, computed in eval mode, without dropout)."""
         return not any(name.startswith("encoder.") for name in named_params(self, "pe"))
 
 
