@@ -12,6 +12,7 @@ blank line between sentences); the examples are the same. Then, for model.py, me
 import gzip
 import os
 import random
+from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +26,7 @@ LABEL_ID = {tag: i for i, tag in enumerate(LABELS)}
 HUB_DATASET = "unimelb-nlp/wikiann"
 
 
-@dataclass
-class Sentence:
-    words: list  # [str] * n_words
-    tags: list   # [int] * n_words, ids into LABELS
+Sentence = namedtuple("Sentence", "words tags")  # [str] * n_words; [int] * n_words, ids into LABELS
 
 
 # ----------------------------------------------------------------------------- reading

@@ -38,8 +38,8 @@ INNER_GROUPS = {"meta": ("pe", "head"), "maml": ("pretrained", "pe", "head")}
 
 
 # The exact meta-gradient (`second_order`, "meta" only; the paper's is first order, §4.2) keeps the
-# S inner steps in the graph, so that line 14 differentiates through them. Why that costs only
-# one more backward through the trunk per task: docs/details.md, "The exact meta-gradient".
+# S inner steps in the graph, so that line 14 differentiates through them. Why, with the adapter, that
+# costs only one more backward through the trunk per task: docs/details.md, "The exact meta-gradient".
 
 @dataclass(frozen=True)
 class InnerLoop:
@@ -77,10 +77,11 @@ def adapt(model, support, lang, inner):
     if inner.cache_trunk and inner.variant == "meta" and model.trunk_is_fixed_by_pretrained:
         with torch.set_grad_enabled(inner.second_order):  # second order: θp reaches the query loss through h
             hidden = model.encode(support["input_ids"], support["attention_mask"])
+    # Second order with θa inside f (LoRA, BitFit), line 14 differentiates f's attention twice: only
+    # PyTorch's plain attention kernel has a second derivative, its fused ones have none.
+    plain_attention = inner.second_order and not model.trunk_is_fixed_by_pretrained
     for _ in range(inner.steps):  # Alg. 1, line 10
-        # Second order, line 14 differentiates this loss twice, and so f's attention where θa lives inside
-        # f (LoRA, BitFit): only PyTorch's plain attention kernel has a second derivative, its fused ones none.
-        with sdpa_kernel(SDPBackend.MATH) if inner.second_order else nullcontext():
+        with sdpa_kernel(SDPBackend.MATH) if plain_attention else nullcontext():
             loss = task_loss(model, fast, support, lang, hidden)
         support_losses.append(loss.detach())  # before the step: the first is the loss at θ
         # Alg. 1, line 11 (and, in "maml", the red line): θ^i ← θ^i − α∇L(f_θ^i, 𝒟tr)

@@ -77,6 +77,12 @@ class Tagger(nn.Module):
         config = encoder.config
         self.encoder, self.pe_method = encoder, pe_method
         self.adapter = Adapter(config.hidden_size, bottleneck) if pe_method == "adapter" else nn.Identity()
+        # f's own dropout rate, before the head: hidden_dropout_prob in BERT and XLM-R, dropout in DistilBERT
+        rate = getattr(config, "hidden_dropout_prob", getattr(config, "dropout", None))
+        if rate is None:
+            raise KygError(f"kyg reads f's dropout rate as BERT, XLM-R or DistilBERT name it, which "
+                           f"{config.model_type} does not; pass an encoder of those families")
+        self.dropout = nn.Dropout(rate)
         if pe_method == "lora":
             projections = [m for n, m in encoder.named_modules() if n.endswith(LORA_PROJECTIONS)]
             if not projections:
@@ -84,12 +90,6 @@ class Tagger(nn.Module):
                                ".value) or DistilBERT (attention.q_lin, .v_lin) name them; use --pe adapter or bitfit")
             for linear in projections:
                 LoRALinear.convert(linear)
-        # f's own dropout rate, before the head: hidden_dropout_prob in BERT and XLM-R, dropout in DistilBERT
-        rate = getattr(config, "hidden_dropout_prob", getattr(config, "dropout", None))
-        if rate is None:
-            raise KygError(f"kyg runs encoders of the BERT, XLM-R or DistilBERT family, not {config.model_type}; "
-                           f"pass such a --model")
-        self.dropout = nn.Dropout(rate)
         self.heads = nn.ModuleDict({lang: nn.Linear(config.hidden_size, len(LABELS)) for lang in languages})
         for head in self.heads.values():
             nn.init.normal_(head.weight, std=config.initializer_range)
@@ -235,9 +235,10 @@ def load_primed(model, priming, directory):
     theta_a = load_tensors(os.path.join(directory, THETA_A))[0]
     with torch.no_grad():
         for name, p in named_params(model, "pe").items() if priming["pe"] == model.pe_method else []:
-            if name not in theta_a or theta_a[name].shape != p.shape:  # a damaged file, another --bottleneck
-                raise KygError(f"{directory}/{THETA_A} has no {name} of shape {list(p.shape)}; pass --bottleneck "
-                               f"{priming.get('bottleneck')}, as it was primed with, or prime it again")
+            if name not in theta_a:
+                raise KygError(f"{directory}/{THETA_A} lacks {name}; delete {directory} and prime again")
+            if theta_a[name].shape != p.shape:  # of the PE methods' θa, only the adapter's has a size to choose
+                raise KygError(f"{directory} was primed with --bottleneck {priming['bottleneck']}; pass that size")
             p.copy_(theta_a[name])
 
 
