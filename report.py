@@ -341,7 +341,7 @@ def plot(directory, scores, langs, matrices, lines):
         plt.close(fig)
     drawn = ["figure3"] if any(key[1] == "full" for key in scores) else []  # where full fine-tuning ran
     if drawn:
-        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(langs), 3.2))
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 + 1.1 * len(langs)), 3.2))  # the legend's width at least
         for i, priming in enumerate(MATRICES["figure4"][1]):  # points, not bars from 0: the gaps are 1-2 F1
             runs = [scores.get((priming, "full", lang), []) for lang in langs]
             ax.errorbar([x + 0.2 * (i - 1) for x in range(len(langs))],
