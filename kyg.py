@@ -242,7 +242,7 @@ def prime(args):
     if args.second_order and args.method != "meta":
         raise KygError(f"--second-order is for --method meta (the PE inner loop); drop it for {args.method}")
     if args.head_lr and args.method != "ft":
-        raise KygError(f"--head-lr is for --method ft (meta and maml train heads in the inner loop, at α)")
+        raise KygError("--head-lr is for --method ft (meta and maml train heads in the inner loop, at α)")
     device = device_of(args)
     settings = priming_settings(args, device)
     for wait in (False, True):
