@@ -12,6 +12,7 @@ blank line between sentences); the examples are the same. Then, for model.py, me
 import gzip
 import os
 import random
+import zlib
 from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,27 +61,31 @@ def _read_local(lang, split, data_dir):
 def read_conll(path):
     """`token<TAB>tag` lines, blank line between sentences, UTF-8 -> [Sentence]."""
     opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raws = [*f, b""]  # a blank line after the last closes the last sentence
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # an interrupted download, say
+        raise KygError(f"{path} is cut short or damaged ({e}); download or copy it again")
     sentences, words, tags = [], [], []
-    with opener(path, "rb") as f:
-        for line_no, raw in enumerate([*f, b""], 1):  # a blank line after the last closes the last sentence
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise KygError(f"{path}:{line_no}: byte {raw[e.start]:#04x} at column {e.start + 1} is not UTF-8; "
-                               f"convert the file to UTF-8 (say, iconv -f latin1 -t utf-8)")
-            if not line.strip():
-                if words:
-                    sentences.append(Sentence(words, tags))
-                words, tags = [], []
-                continue
-            word, sep, tag = line.rpartition("\t")
-            if not sep:
-                raise KygError(f"{path}:{line_no}: expected 'token<TAB>tag', got {line!r}")
-            if tag not in LABEL_ID:
-                raise KygError(f"{path}:{line_no}: tag {tag!r} is not in the WikiAnn tag set "
-                               f"({' '.join(LABELS)}): convert the data to these IOB2 tags")
-            words.append(word)
-            tags.append(LABEL_ID[tag])
+    for line_no, raw in enumerate(raws, 1):
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise KygError(f"{path}:{line_no}: byte {raw[e.start]:#04x} at column {e.start + 1} is not UTF-8; "
+                           f"convert the file to UTF-8 (say, iconv -f latin1 -t utf-8)")
+        if not line.strip():
+            if words:
+                sentences.append(Sentence(words, tags))
+            words, tags = [], []
+            continue
+        word, sep, tag = line.rpartition("\t")
+        if not sep:
+            raise KygError(f"{path}:{line_no}: expected 'token<TAB>tag', got {line!r}")
+        if tag not in LABEL_ID:
+            raise KygError(f"{path}:{line_no}: tag {tag!r} is not in the WikiAnn tag set "
+                           f"({' '.join(LABELS)}): convert the data to these IOB2 tags")
+        words.append(word)
+        tags.append(LABEL_ID[tag])
     return sentences
 
 

@@ -12,8 +12,6 @@ each -> finetune adapter (report.ROWS; run.sh runs them). Processes on one comma
 import argparse
 import copy
 import functools
-import hashlib
-import json
 import math
 import os
 import random
@@ -201,14 +199,12 @@ def redraws_next(bar):
         time.time() - bar.last_print_t >= bar.mininterval
 
 
-def same_settings(saved, settings, what):
-    """A KygError naming the first setting in which `settings` differ from the `saved` ones (steps None:
-    one pass, resolved later, so any number)."""
-    if key := report.first_difference(saved, {k: v for k, v in settings.items() if v is not None or k != "steps"}):
-        name = {"adapter_init": "kyg's adapter init", "precision": "--bf16/--tf32 precision"}.get(
-            key, f"--{key.replace('_', '-')}")
-        raise KygError(f"{what} was made with {name} {saved[key]}, not {settings[key]}; "
-                       f"rerun with the same settings, or pass another --out to start afresh")
+def new_or_ours(path, ours=lambda directory: False):
+    """A KygError unless `path` is absent, an empty directory, or a directory that `ours` says is kyg's:
+    kyg never writes over what a user keeps there (a model, a project)."""
+    if os.path.exists(path) and not (os.path.isdir(path) and (not os.listdir(path) or ours(path))):
+        what = "a directory that holds files kyg did not write" if os.path.isdir(path) else "a file"
+        raise KygError(f"{path} is {what}, which kyg does not write over; pass a new or empty directory")
 
 
 # ----------------------------------------------------------------------------- prime
@@ -217,18 +213,11 @@ SAVE_MINUTES = 10  # the resumable state of a priming is saved this often by def
 
 
 def priming_settings(args, device):
-    """The settings that make a priming what it is, of those its method uses: a rerun must match them.
+    """The settings that make this priming what it is (report.priming_settings), the defaults resolved.
     The device is one of them: a priming resumes only where its optimizer and RNG states belong."""
-    keys = ["method", "pe", "model", "data_dir", "source", "steps", "meta_lr", "support_size", "query_size",
-            "max_train", "max_length", "seed"]
-    keys += ["head_lr"] if args.method == "ft" else ["inner_steps"]
-    keys += ["second_order"] if args.method == "meta" else []
-    settings = {key: getattr(args, key) for key in keys}
-    if args.method != "ft":
-        settings["inner_lr"] = args.inner_lr or INNER_LR[args.method]
-    if args.pe == "adapter":
-        settings.update(bottleneck=args.bottleneck, adapter_init=M.ADAPTER_INIT)
-    return {**settings, "device": device.type, "precision": precision(args, device)}
+    return report.priming_settings({**vars(args), "inner_lr": args.inner_lr or INNER_LR.get(args.method),
+                                    "adapter_init": M.ADAPTER_INIT, "device": device.type,
+                                    "precision": precision(args, device)})
 
 
 PrimingRun = namedtuple("PrimingRun", "model tokenizer sampler optimizer scheduler settings")
@@ -237,8 +226,7 @@ PrimingRun = namedtuple("PrimingRun", "model tokenizer sampler optimizer schedul
 def prime(args):
     """Write a primed model directory, θp and θa after Algorithm 1 (or setting 5) on --source; resume
     a stopped one from its last saved state; wait while another process primes the same --out."""
-    if os.path.isfile(args.out):
-        raise KygError(f"--out {args.out} is a file; priming writes a directory: pass a new path")
+    new_or_ours(args.out, M.holds_priming)
     if args.second_order and args.method != "meta":
         raise KygError(f"--second-order is for --method meta (the PE inner loop); drop it for {args.method}")
     if args.head_lr and args.method != "ft":
@@ -255,12 +243,12 @@ def prime(args):
 def prime_alone(args, settings, device):
     state_path = os.path.join(args.out, M.PRIMING_STATE)
     if os.path.isfile(os.path.join(args.out, M.PRIMING_RECORD)):  # a finished priming serves any device
-        same_settings(M.read_priming(args.out), {k: v for k, v in settings.items() if k != "device"}, args.out)
+        report.same_settings(M.read_priming(args.out), {k: v for k, v in settings.items() if k != "device"}, args.out)
         print(f"kyg: {args.out} is primed already with these settings, skipped (delete it to prime again)")
         return
     saved = M.load_tensors(state_path) if os.path.isfile(state_path) else None
     if saved:
-        same_settings(saved[1]["settings"], settings, f"the stopped priming in {args.out}")
+        report.same_settings(saved[1]["settings"], settings, f"the stopped priming in {args.out}")
     run = start_priming(args, settings, device)
     history = {"loss": [], "support_loss": [], "seconds": 0.0}
     if saved:
@@ -308,6 +296,8 @@ def priming_loop(args, run, history, device):
     bar = progress(total=steps, initial=len(history["loss"]), desc=f"prime {args.method}", unit="step")
     try:
         for loss, support_losses in priming_steps(run.model, task_batches, run.optimizer, run.scheduler, inner):
+            if not math.isfinite(loss):  # before anything is saved: no state, no primed model from a broken θ
+                raise KygError(divergence(args, settings, len(history["loss"]) + 1, loss, support_losses))
             history["loss"].append(loss)
             history["support_loss"] += [support_losses] if support_losses else []
             history["seconds"] = round(time.time() - started, 1)
@@ -328,14 +318,23 @@ def priming_loop(args, run, history, device):
     return history
 
 
+def divergence(args, settings, step, loss, support_losses):
+    """What to say when a priming's loss is no longer finite: the rate to lower is α where the inner loop
+    broke a θ that was whole (its first support loss, at θ, is finite), else that of the updates of θ."""
+    if support_losses and math.isfinite(support_losses[0]):
+        rate = f"--inner-lr (α, {settings['inner_lr']:g})"
+    else:
+        rate = f"--meta-lr (β, {args.meta_lr:g})" + (f" or --head-lr ({args.head_lr:g})" if args.head_lr else "")
+    return (f"the priming diverged at step {step} of {settings['steps']} (its loss is {loss}), and nothing was "
+            f"written as primed; lower {rate} and prime into a new --out")
+
+
 def finish_priming(args, run, history):
     """Alg. 1, line 17: return θp, θa, as a primed model directory with the record of the priming."""
     losses, curves = history["loss"], history["support_loss"] or None
     priming = {**run.settings, "seconds": history["seconds"], "loss_by_step": [round(x, 4) for x in losses],
                "support_loss_by_step": curves and [[round(x, 3) for x in c] for c in curves]}
-    M.save_primed(run.model, run.tokenizer, priming, args.out)  # priming.json last: only now is it finished
-    if os.path.isfile(os.path.join(args.out, M.PRIMING_STATE)):
-        os.remove(os.path.join(args.out, M.PRIMING_STATE))
+    M.save_primed(run.model, run.tokenizer, priming, args.out)
     curve = curves and [round(statistics.mean(step), 4) for step in zip(*curves)]
     inner_curve = f", support loss over the inner steps {' > '.join(f'{x:.3f}' for x in curve)}" if curve else ""
     print(f"kyg: primed ({priming_label(priming)}, {len(losses)} steps, {priming['seconds']} s, query loss "
@@ -356,25 +355,16 @@ def pe_method_of(method, priming):
 
 
 def run_config(args, priming, device, lang, lr, seed):
-    """The settings that make a run what it is, of those its method uses: its key to skip and claim it.
-    The device and the precision are among them: runs on a CPU and on a GPU are different runs."""
-    config = {key: getattr(args, key) for key in ("model", "data_dir", "init", "method", "max_train", "max_eval",
-                                                   "max_dev", "max_length", "epochs", "batch_size")}
+    """The settings that make a run what it is, of those its method uses; with its priming's settings (not
+    --init's path), its key to skip and claim it (report.recorded). The device and the precision are among
+    them: runs on a CPU and on a GPU are different runs."""
+    config = {key: getattr(args, key) for key in ("model", "data_dir", "method", "max_train", "max_eval", "max_dev",
+                                                   "max_length", "epochs", "batch_size")}
     return {**config, "lang": lang, "lr": lr, "seed": seed, "schedule": FINETUNE_SCHEDULE[args.method],
             "device": device.type, "precision": precision(args, device),
             **({"cached_trunk": not args.live_trunk} if args.method in STORED_FEATURES else {}),
             **({"bottleneck": args.bottleneck, "adapter_init": M.ADAPTER_INIT}
                if pe_method_of(args.method, priming) == "adapter" else {})}
-
-
-def run_name(config, priming):
-    """A file name for the run: readable, and unique to its config (two runs never share one)."""
-    digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{priming_label(priming)}-{config['method']}-{config['lang']}-lr{config['lr']:g}-s{config['seed']}-{digest}"
-
-
-def recorded(out, config):  # whether OUT/results.jsonl holds the run
-    return any(all(r.get("config", {}).get(k) == v for k, v in config.items()) for r in report.read_results(out))
 
 
 def finetune(args):
@@ -395,11 +385,11 @@ def finetune(args):
     for wait in (False, True):
         held = []
         for config in configs:
-            name = run_name(config, priming)
+            name = report.run_name(config, priming)
             with report.lock(os.path.join(args.out, "claims", f"{name}.lock"), wait) as mine:  # the run's claim
                 if not mine:
                     held.append(config)
-                elif recorded(args.out, config):
+                elif report.recorded(args.out, config, priming):
                     print(f"kyg: {name}: already in {args.out}/results.jsonl, skipped")
                 else:
                     fine_tune(args, priming, config, name, prepared(config["lang"]), device)
@@ -483,7 +473,8 @@ def fine_tuning_optimizer(params, lr, steps, schedule):
 
 
 def fine_tune(args, priming, config, name, language, device):
-    """One run: tune, keep the epoch with the best dev F1, score it on test, append the record."""
+    """One run: tune (`train`), score the epoch with the best dev F1 on test, append the record. A run
+    whose training loss stopped being finite is recorded as diverged, without an F1 or weights."""
     lang, lr, seed = config["lang"], config["lr"], config["seed"]
     seed_everything(seed)
     model = tagger(args, priming, language.encoder, lang)
@@ -493,49 +484,66 @@ def fine_tune(args, priming, config, name, language, device):
     trained, total = sum(p.numel() for p in trainable.values()), sum(p.numel() for p in model.parameters())
     print(f"kyg: {args.method} fine-tuning updates {trained:,} of {total:,} parameters ({100 * trained / total:.3g}%)")
     to_device = to_device_fn(language.tokenizer, device)
-    steps = args.epochs * math.ceil(len(language.train.examples) / args.batch_size)
-    optimizer, scheduler = fine_tuning_optimizer(trainable.values(), lr, steps, config["schedule"])
-    rng = random.Random(seed)
-
-    started, dev_by_epoch, best = time.time(), [], (-1.0, 0, None)  # (dev F1, epoch, trained state)
-    bar = progress(total=steps, desc=name, unit="step")
-    for epoch in range(1, args.epochs + 1):
-        model.train()
-        for chunk in batches(language.train.examples, args.batch_size, rng):
-            loss = M.token_loss(*logits_of(model, lang, language.train, chunk, to_device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if redraws_next(bar):
-                bar.set_postfix(loss=f"{loss.item():.3f}", best_dev=f"{best[0]:.1f}", refresh=False)
-            bar.update()
-        dev_by_epoch.append(score(model, lang, language.dev, to_device, args.batch_size))
-        if dev_by_epoch[-1] > best[0]:
-            state = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
-            best = (dev_by_epoch[-1], epoch, state)
-    bar.close()
-    dev_f1, best_epoch, state = best
-    model.load_state_dict(state, strict=False)
-    test_f1 = score(model, lang, language.test, to_device, args.batch_size)
-    weights = None if args.no_save else os.path.join("weights", f"{name}.safetensors")
+    started = time.time()
+    dev_by_epoch, (dev_f1, best_epoch, state), diverged_in = train(args, model, trainable, config, language, name)
+    test_f1, weights = None, None
+    if not diverged_in:
+        model.load_state_dict(state, strict=False)
+        test_f1 = score(model, lang, language.test, to_device, args.batch_size)
+        weights = None if args.no_save else os.path.join("weights", f"{name}.safetensors")
     if weights:
         M.save_tensors(state, os.path.join(args.out, weights), {"method": args.method, "lang": lang, "init": args.init})
-    saved_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    saved_bytes = sum(p.numel() * p.element_size() for p in trainable.values())
+    scored = lambda f1: None if diverged_in else round(f1, 2)
     report.append_result(args.out, {
         "priming": priming_label(priming), "method": args.method, "lang": lang, "lr": lr, "seed": seed,
-        "dev_f1": round(dev_f1, 2), "test_f1": round(test_f1, 2), "best_epoch": best_epoch,
-        "dev_f1_by_epoch": [round(x, 2) for x in dev_by_epoch],
+        "dev_f1": scored(dev_f1), "test_f1": scored(test_f1), "best_epoch": None if diverged_in else best_epoch,
+        "diverged_in_epoch": diverged_in, "dev_f1_by_epoch": [round(x, 2) for x in dev_by_epoch],
         "trainable_params": trained, "total_params": total, "trainable_fraction": trained / total,
         "saved_bytes": saved_bytes, "weights": weights, "seconds": round(time.time() - started, 1),
         "device": str(device), "train_sentences": len(language.train.examples), "config": config,
         "priming_config": priming})
-    print(f"kyg: {name}: dev F1 {dev_f1:.2f} (epoch {best_epoch}), test F1 {test_f1:.2f}, "
-          f"{saved_bytes / 2**20:.2f} MiB of weights to store -> {args.out}/results.jsonl")
+    outcome = f"diverged in epoch {diverged_in} (its training loss is not finite), so `table` never chooses " \
+        f"--lr {lr:g}; a smaller --lr may train" if diverged_in else f"dev F1 {dev_f1:.2f} (epoch {best_epoch}), " \
+        f"test F1 {test_f1:.2f}, {saved_bytes / 2**20:.2f} MiB of weights to store"
+    print(f"kyg: {name}: {outcome} -> {args.out}/results.jsonl")
+
+
+def train(args, model, trainable, config, language, name):
+    """--epochs of AdamW on the `trainable` parameters, dev F1 after each. Returns (dev F1 by epoch, (the
+    best dev F1, its epoch, its trained state), the epoch in which the loss stopped being finite, or None)."""
+    lang, device = config["lang"], next(iter(trainable.values())).device
+    to_device = to_device_fn(language.tokenizer, device)
+    steps = args.epochs * math.ceil(len(language.train.examples) / args.batch_size)
+    optimizer, scheduler = fine_tuning_optimizer(trainable.values(), config["lr"], steps, config["schedule"])
+    rng = random.Random(config["seed"])
+    dev_by_epoch, best = [], (-1.0, 0, None)  # (dev F1, epoch, trained state)
+    broken = torch.zeros((), dtype=torch.bool, device=device)  # whether a loss was not finite
+    with progress(total=steps, desc=name, unit="step") as bar:
+        for epoch in range(1, args.epochs + 1):
+            model.train()
+            for chunk in batches(language.train.examples, args.batch_size, rng):
+                loss = M.token_loss(*logits_of(model, lang, language.train, chunk, to_device))
+                broken |= ~loss.detach().isfinite()  # read once an epoch: a read waits for the device
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                if redraws_next(bar):
+                    bar.set_postfix(loss=f"{loss.item():.3f}", best_dev=f"{best[0]:.1f}", refresh=False)
+                bar.update()
+            if broken.item():
+                return dev_by_epoch, best, epoch
+            dev_by_epoch.append(score(model, lang, language.dev, to_device, args.batch_size))
+            if dev_by_epoch[-1] > best[0]:
+                state = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+                best = (dev_by_epoch[-1], epoch, state)
+    return dev_by_epoch, best, None
 
 
 def tiny(args):
     """The offline stand-ins for mBERT and WikiAnn that the tests and `run.sh smoke` use."""
+    new_or_ours(args.dir)
     M.write_tiny_model(os.path.join(args.dir, "model"), TINY_SYLLABLES)
     write_tiny_data(os.path.join(args.dir, "data"), SOURCE_LANGS + report.TARGET_LANGS)
     print(f"kyg: wrote {args.dir}/model (tiny BERT) and {args.dir}/data (tiny WikiAnn-style data)")

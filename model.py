@@ -15,6 +15,7 @@ writes (primed model directories, a priming's resumable state); the tests' tiny 
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from data import LABELS
-from report import KygError, write_atomic, write_text
+from report import UMASK, KygError, write_atomic, write_text, writing
 
 ADAPTER_INIT = "identity"  # how a fresh g starts (Adapter); recorded with every priming and run that has one
 
@@ -199,12 +200,32 @@ PRIMING_RECORD, PRIMING_STATE, THETA_A = "priming.json", "priming-state.safetens
 
 
 def save_primed(model, tokenizer, priming, directory):
-    """The directory described above; θp without LoRA's factors, which AutoModel does not know."""
-    model.encoder.save_pretrained(directory, state_dict={name: value for name, value in
-                                                         model.encoder.state_dict().items() if ".lora_" not in name})
-    tokenizer.save_pretrained(directory)
-    save_tensors(named_params(model, "pe"), os.path.join(directory, THETA_A))
-    write_text(json.dumps(priming, indent=1), os.path.join(directory, PRIMING_RECORD))
+    """The directory described above, written whole beside `directory` and then put in its place (which
+    holds at most the resumable state, spent now), so that a primed directory is complete or not there.
+    θp without LoRA's factors, which AutoModel does not know."""
+    tmp = f"{directory}.tmp{os.getpid()}"
+    try:
+        with writing(directory):
+            model.encoder.save_pretrained(tmp, state_dict={name: value for name, value in
+                                                           model.encoder.state_dict().items() if ".lora_" not in name})
+            tokenizer.save_pretrained(tmp)
+            save_file({n: p.detach().cpu().contiguous() for n, p in named_params(model, "pe").items()},
+                      os.path.join(tmp, THETA_A))  # in a temporary directory: no file needs writing atomically
+            Path(tmp, PRIMING_RECORD).write_text(json.dumps(priming, indent=1), encoding="utf-8")
+            for name in os.listdir(tmp):
+                os.chmod(os.path.join(tmp, name), 0o666 & ~UMASK)
+            if os.path.isfile(os.path.join(directory, PRIMING_STATE)):
+                os.remove(os.path.join(directory, PRIMING_STATE))
+            if os.path.isdir(directory):
+                os.rmdir(directory)  # empty now: a priming's --out holds nothing else (kyg.py prime)
+            os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def holds_priming(directory):
+    """Whether `directory` is a priming's: finished, or stopped with its resumable state."""
+    return any(os.path.isfile(os.path.join(directory, name)) for name in (PRIMING_RECORD, PRIMING_STATE))
 
 
 def read_priming(directory):
@@ -220,8 +241,8 @@ def read_priming(directory):
                            f"`kyg.py prime` command that started it to finish it")
         raise KygError(f"{directory} is not a primed model directory (no {PRIMING_RECORD}); {make}")
     if not os.path.isfile(os.path.join(directory, THETA_A)):
-        raise KygError(f"{directory} was primed by an older kyg (θa in adapter.safetensors, not {THETA_A}); "
-                       f"delete it and rerun the `kyg.py prime` command that made it")
+        raise KygError(f"{directory} lacks {THETA_A}, the primed θa; delete it and rerun the `kyg.py prime` "
+                       f"command that made it")
     try:
         with open(os.path.join(directory, PRIMING_RECORD), encoding="utf-8") as f:
             return json.load(f)

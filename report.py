@@ -7,14 +7,17 @@ must hold each run once: kyg.py claims a run before it starts it and appends its
 a `lock` that dies with its process. Then the paper's Table 1, the map of its rows (ours too)
 that run.sh also reads, the orderings the paper claims, and `table`. Imports no torch.
 """
+import hashlib
 import json
 import os
 import re
 import statistics
+from collections import namedtuple
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from filelock import FileLock, Timeout
+from safetensors import SafetensorError
 
 RESULTS_FORMAT = 3  # of each line of results.jsonl; 3: a run's config holds its device and precision
 
@@ -23,11 +26,33 @@ class KygError(Exception):
     """Bad input the user can fix. kyg.py prints it as one line; the message names the fix."""
 
 
+UMASK = os.umask(0o022)
+os.umask(UMASK)  # the user's, which every file kyg writes honours (safetensors alone would write 0600)
+
+
+@contextmanager
+def writing(path):
+    """Around a write of `path`: a failure to write (a full disk, no permission) is one KygError naming it."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        raise KygError(f"cannot write {path} ({getattr(e, 'strerror', None) or e}); free space on its disk or "
+                       f"check its permissions, or pass another --out") from None
+
+
 def write_atomic(path, write):
-    """write(temporary path), then rename it to `path`: a crash never leaves half a file under its name."""
+    """write(temporary path), then rename it to `path`: a crash or a failed write never leaves half a
+    file under its name, nor the temporary one beside it."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write(f"{path}.tmp{os.getpid()}")
-    os.replace(f"{path}.tmp{os.getpid()}", path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with writing(path):
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~UMASK)
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_text(text, path):
@@ -46,10 +71,17 @@ def lock(path, wait=True):
 
 
 def append_result(directory, record):
-    """Append one JSON line to DIR/results.jsonl, under the file's lock."""
+    """Append one JSON line to DIR/results.jsonl, under the file's lock; a failed append is cut off, so that
+    the file never holds half a line."""
     path = os.path.join(directory, "results.jsonl")
-    with lock(f"{path}.lock"), open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"format": RESULTS_FORMAT, **record}) + "\n")
+    with lock(f"{path}.lock"), writing(path):
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"format": RESULTS_FORMAT, **record}) + "\n")
+        except OSError:
+            os.truncate(path, size)
+            raise
 
 
 def read_results(directory):
@@ -154,27 +186,74 @@ def priming_flags(label):
     return flags
 
 
-PRIMING_SETTINGS = ("method", "pe", "model", "data_dir", "source", "steps", "meta_lr", "support_size", "query_size",
-                    "max_train", "max_length", "head_lr", "inner_steps", "inner_lr", "second_order", "bottleneck",
-                    "adapter_init", "precision")
+def priming_settings(values):
+    """The settings that make a priming what it is, of those its method uses, from `values`: a priming's
+    flags (kyg.py prime) or a priming's record. A rerun must match them, and so must the priming of a
+    run that is to count as recorded; of a record, only the settings it holds (an older kyg's lack some)."""
+    method, pe = values.get("method"), values.get("pe", "adapter")  # records from before LoRA and BitFit lack pe
+    keys = ["model", "data_dir", "source", "steps", "meta_lr", "support_size", "query_size", "max_train",
+            "max_length", "seed", "device", "precision"]
+    keys += ["head_lr"] if method == "ft" else ["inner_steps", "inner_lr"]
+    keys += ["second_order"] if method == "meta" else []
+    keys += ["bottleneck", "adapter_init"] if pe == "adapter" else []
+    return {"method": method, "pe": pe, **{key: values[key] for key in keys if key in values}}
 
 
-def one_recipe(directory, cell, records):
-    """A KygError naming the first setting in which the runs of one cell differ, but the seed, the rate
-    (chosen on dev), the primed directory (a priming seed's) and the device (the cell says so). A setting
-    only one of two records holds is not compared: an older kyg did not have it."""
-    recipe = lambda r: {**{k: v for k, v in (r.get("config") or {}).items() if k not in ("seed", "lr", "init", "device")},
-                        **{f"priming's {k}": v for k, v in (r.get("priming_config") or {}).items() if k in PRIMING_SETTINGS}}
-    first = recipe(records[0])
-    for other in map(recipe, records[1:]):
-        if key := first_difference(first, other):
-            raise KygError(f"{directory}/results.jsonl pools runs of {cell} that differ in {key} ({first[key]}, "
-                           f"{other[key]}); tune each recipe into its own --out")
+def same_settings(saved, settings, what):
+    """A KygError naming the first setting in which `settings` differ from the `saved` ones (steps None:
+    one pass, resolved later, so any number)."""
+    if key := first_difference(saved, {k: v for k, v in settings.items() if v is not None or k != "steps"}):
+        name = {"adapter_init": "kyg's adapter init", "precision": "--bf16/--tf32 precision"}.get(
+            key, f"--{key.replace('_', '-')}")
+        raise KygError(f"{what} was made with {name} {saved[key]}, not {settings[key]}; "
+                       f"rerun with the same settings, or pass another --out to start afresh")
 
 
 def first_difference(a, b):
     """The first setting, in sorted order, that both dicts hold with different values, or None."""
     return next((key for key in sorted(a.keys() & b.keys()) if a[key] != b[key]), None)
+
+
+# ----------------------------------------------------------------------------- a run's identity
+
+def run_name(config, priming):
+    """A file name for the run: readable, and unique to what it computes (its config and its priming's
+    settings), so that two runs never share one."""
+    identity = [config, priming and priming_settings(priming)]
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{priming_label(priming)}-{config['method']}-{config['lang']}-lr{config['lr']:g}-s{config['seed']}-{digest}"
+
+
+def recorded(directory, config, priming):
+    """Whether DIR/results.jsonl holds the run: one of this config after a priming of the same settings.
+    The primed directory's path is not compared: a run is what it computes, however --init was spelled."""
+    settings = priming and priming_settings(priming)
+    return any(all(r.get("config", {}).get(k) == v for k, v in config.items())
+               and (r.get("priming_config") and priming_settings(r["priming_config"])) == settings
+               for r in read_results(directory))
+
+
+def diverged(record):
+    """Whether the run's training loss stopped being finite (kyg.py fine_tune): it has no F1 to report."""
+    return record.get("diverged_in_epoch") is not None
+
+
+# ----------------------------------------------------------------------------- the table
+
+def one_recipe(directory, cell, records):
+    """A KygError naming the first setting in which the runs of one cell differ, but the seed, the rate
+    (chosen on dev), the primed directory (a priming seed's) and the device (the cell says so). A setting
+    only one of two records holds is not compared: an older kyg did not have it."""
+    def recipe(r):
+        priming = r.get("priming_config")
+        return {**{k: v for k, v in (r.get("config") or {}).items() if k not in ("seed", "lr", "init", "device")},
+                **{f"priming's {k}": v for k, v in (priming_settings(priming) if priming else {}).items()
+                   if k not in ("seed", "device")}}
+    first = recipe(records[0])
+    for other in map(recipe, records[1:]):
+        if key := first_difference(first, other):
+            raise KygError(f"{directory}/results.jsonl pools runs of {cell} that differ in {key} ({first[key]}, "
+                           f"{other[key]}); tune each recipe into its own --out")
 
 
 def markdown(header, rows):
@@ -183,118 +262,195 @@ def markdown(header, rows):
     return [line(header), "|---|" + "---|" * (len(header) - 1)] + [line(row) for row in rows]
 
 
+def plural(n, noun):
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+Cell = namedtuple("Cell", "mean std n devices")  # a table cell: test F1 over the runs of one rate
+
+
+def cell_of(records):
+    """A cell's numbers, from its runs at the rate chosen on dev: the mean test F1, its std over the runs
+    (0 for one run), how many runs, and the devices they ran on where more than one ('' else)."""
+    scores = [r["test_f1"] for r in records]
+    devices = sorted({(r.get("config") or {}).get("device", "cpu") for r in records})
+    return Cell(statistics.mean(scores), statistics.stdev(scores) if len(scores) > 1 else 0.0, len(scores),
+                "+".join(devices) if len(devices) > 1 else "")
+
+
+def shown(cell):
+    """A Cell as the table prints it: mean ± std (n), or mean (n) of a single run; – where none ran."""
+    if not cell:
+        return "–"
+    n = f"({cell.n}: {cell.devices})" if cell.devices else f"({cell.n})"
+    return f"{cell.mean:.2f} {n}" if cell.n == 1 else f"{cell.mean:.2f} ± {cell.std:.2f} {n}"
+
+
+# What the table is drawn from. runs: (priming, method, lang) -> {lr: [record]}; best_lr: the rate chosen on
+# dev for each (none where every rate had a run diverge); chosen: its records; cells: their Cells; langs.
+Tuned = namedtuple("Tuned", "runs best_lr chosen cells langs")
+
+
+def tuned(directory, results):
+    """The Tuned of `results`: each rate's runs, the rate with the best mean dev F1 of those where no run
+    diverged, and its Cell."""
+    runs = {}
+    for r in results:
+        runs.setdefault((r["priming"], r["method"], r["lang"]), {}).setdefault(r.get("lr"), []).append(r)
+    for (priming, method, lang), by_lr in runs.items():
+        one_recipe(directory, f"{priming} → {method} on {lang}", [r for records in by_lr.values() for r in records])
+    fit = {key: [lr for lr, records in by_lr.items() if not any(map(diverged, records))] for key, by_lr in runs.items()}
+    best_lr = {key: max(fit[key], key=lambda lr: statistics.mean(r.get("dev_f1", 0) for r in by_lr[lr]))
+               for key, by_lr in runs.items() if fit[key]}
+    chosen = {key: runs[key][lr] for key, lr in best_lr.items()}
+    langs = [l for l in TARGET_LANGS if any(k[2] == l for k in runs)] + sorted({k[2] for k in runs} - set(TARGET_LANGS))
+    return Tuned(runs, best_lr, chosen, {key: cell_of(records) for key, records in chosen.items()}, langs)
+
+
 def table(directory):
     """Ours beside the paper's Table 1, Figure 3, the orderings, Figure 4 -> DIR/table.md and figures;
     returns the table's text and a line about the figures."""
     results = read_results(directory)
     if not results:
         raise KygError(f"no results in {directory}/results.jsonl: run `kyg.py finetune --out {directory}` first")
-    runs = {}  # (priming, method, lang) -> {lr: [record]}; with several rates, dev F1 picks one
-    for r in results:
-        runs.setdefault((r["priming"], r["method"], r["lang"]), {}).setdefault(r.get("lr"), []).append(r)
-    for (priming, method, lang), by_lr in runs.items():
-        one_recipe(directory, f"{priming} → {method} on {lang}", [r for records in by_lr.values() for r in records])
-    best_lr = {key: max(by_lr, key=lambda lr: statistics.mean(r.get("dev_f1", 0) for r in by_lr[lr]))
-               for key, by_lr in runs.items()}
-    chosen = {key: runs[key][lr] for key, lr in best_lr.items()}
-    scores = {key: [r["test_f1"] for r in records] for key, records in chosen.items()}
-    langs = [l for l in TARGET_LANGS if any(k[2] == l for k in scores)] + \
-        sorted({k[2] for k in scores} - set(TARGET_LANGS))
-    devices = {key: "+".join(sorted({(r.get("config") or {}).get("device", "cpu") for r in records}))
-               for key, records in chosen.items()}  # a cell of runs on several devices says so
-    stat = lambda key: (statistics.mean(scores[key]), statistics.stdev(scores[key]) if len(scores[key]) > 1 else 0.0,
-                        len(scores[key]), devices[key] if "+" in devices[key] else "") if key in scores else None
-    n = lambda s: f"({s[2]}: {s[3]})" if s[3] else f"({s[2]})"
-    cell = lambda s: "–" if not s else f"{s[0]:.2f} {n(s)}" if s[2] == 1 else f"{s[0]:.2f} ± {s[1]:.2f} {n(s)}"
+    t = tuned(directory, results)
+    curves = {(r["priming"], p["seed"]): p for r in results if (p := r.get("priming_config") or {}).get("loss_by_step")}
+    matrices = figure4_matrices(t)
+    out = table1(directory, results, t) + chosen_rates(t) + priming_seeds(t) + priming_loss(curves) + figure3(t)
+    out += orderings(t)
+    for name, (primings, methods, matrix) in matrices.items():
+        out += [f"\n## {MATRICES[name][0]}\n"] + markdown(["priming ↓ fine-tuning →", *methods], [
+            [PRIMING_NAMES[p], *(f"{matrix[p, m]:.2f}" if matrix[p, m] is not None else "–" for m in methods)]
+            for p in primings])
+    text = "\n".join(out) + "\n"
+    write_text(text, os.path.join(directory, "table.md"))
+    return text, plot(directory, t, matrices, pictures(curves, t.chosen))
 
+
+def table1(directory, results, t):
+    """Table 1: each of the paper's rows (and ours where they ran) per language, and its average."""
     rows = []
-    for row, (priming, method, name) in ROWS.items():  # the paper's rows; ours where they were run
+    for row, (priming, method, name) in ROWS.items():
         paper = dict(zip(TARGET_LANGS, PAPER_TABLE1.get(row, [])))
-        if not name or not paper and not any(key[:2] == (priming, method) for key in scores):
+        if not name or not paper and not any(key[:2] == (priming, method) for key in t.runs):
             continue
-        s = {lang: stat((priming, method, lang)) for lang in langs}
-        ours = [s[l][0] for l in langs if s[l] and (l in paper or not paper)]
-        theirs = [paper[l] for l in langs if s[l] and l in paper]
+        cells = {lang: t.cells.get((priming, method, lang)) for lang in t.langs}
+        ours = [cells[l].mean for l in t.langs if cells[l] and (l in paper or not paper)]
+        theirs = [paper[l] for l in t.langs if cells[l] and l in paper]
         average = f"{statistics.mean(ours):.2f} / {f'{statistics.mean(theirs):.2f}' if theirs else '–'}" if ours else "–"
-        comparable = sum(lang in paper for lang in langs) if paper else len(langs)
+        comparable = sum(lang in paper for lang in t.langs) if paper else len(t.langs)
         if ours and len(ours) < comparable:  # an average over fewer languages than the other rows'
             average += f" ({len(ours)} of {comparable} languages)"
-        rows.append([name, *(f"{cell(s[l])} / {paper.get(l, '–')}" for l in langs), average])
-    out = ["# Table 1: ours beside the paper's\n",
-           "Test F1 (entity-level, micro), mean ± std over seeds (n); the paper's number after the slash.",
-           f"From `{os.path.join(directory, 'results.jsonl')}`, {len(results)} runs.\n"]
-    out += markdown(["row", *langs, "average"], rows)
+        texts = ["diverged" if (priming, method, l) in t.runs and not cells[l] else shown(cells[l]) for l in t.langs]
+        rows.append([name, *(f"{text} / {paper.get(l, '–')}" for text, l in zip(texts, t.langs)), average])
+    lost = sum(map(diverged, results))
+    lost = f"; {lost} diverged (their loss stopped being finite), and their rates are never chosen" if lost else ""
+    return ["# Table 1: ours beside the paper's\n",
+            "Test F1 (entity-level, micro), mean ± std over seeds (n); the paper's number after the slash.",
+            f"From `{os.path.join(directory, 'results.jsonl')}`, {plural(len(results), 'run')}{lost}.\n",
+            *markdown(["row", *t.langs, "average"], rows)]
 
-    pairs = sorted({key[:2] for key in runs})
-    if any(len(by_lr) > 1 for by_lr in runs.values()):
-        out += ["\n## Learning rate chosen on dev\n", "The rate with the best mean dev F1 over its runs, of the "
-                "n rates tried: rate (n). The table shows that rate's test F1.\n"]
-        out += markdown(["priming → fine-tuning", *langs], [[f"{p} → {m}", *(
-            f"{best_lr[p, m, l]:g} ({len(runs[p, m, l])})" if (p, m, l) in runs else "–" for l in langs)] for p, m in pairs])
-    priming_seed = lambda r: (r.get("priming_config") or {}).get("seed")
-    pooled = [pair for pair in pairs if any(len({priming_seed(r) for r in chosen[key]}) > 1
-                                            for key in chosen if key[:2] == pair)]
-    if pooled:
-        out += ["\n## Priming seeds\n", "Test F1 per priming seed p (mean over fine-tuning seeds). The table's "
-                "cells pool them, so their std holds the spread of both.\n"]
-        by_seed = lambda records: {s: [r["test_f1"] for r in records if priming_seed(r) == s]
-                                   for s in sorted({priming_seed(r) for r in records})}
-        out += markdown(["priming → fine-tuning", *langs], [[f"{p} → {m}", *(", ".join(
-            f"p{s}: {statistics.mean(v):.2f}" for s, v in by_seed(chosen.get((p, m, l), [])).items()) or "–"
-            for l in langs)] for p, m in pooled])
-    curves = {(r["priming"], p["seed"]): p for r in results if (p := r.get("priming_config") or {}).get("loss_by_step")}
-    if curves:  # e.g. whether row 5b's heads learn where row 5's barely move
-        out += ["\n## Priming loss\n", "Each priming's loss, averaged over each tenth of its steps: meta and maml, "
-                "the query loss after the inner loop; ft, the loss of the support and query batches, each summed "
-                "over a step's tasks. Then its length in steps and in minutes.\n"]
-        tenth = lambda loss, i: loss[i * len(loss) // 10:max((i + 1) * len(loss) // 10, i * len(loss) // 10 + 1)]
-        out += markdown(["priming (seed)", *(f"{10 * i}–{10 * i + 10}%" for i in range(10)), "steps", "min"], [
-            [f"{priming} ({seed})", *(f"{statistics.mean(tenth(p['loss_by_step'], i)):.3f}" for i in range(10)),
-             len(p["loss_by_step"]), f"{p['seconds'] / 60:.0f}"] for (priming, seed), p in sorted(curves.items())])
 
-    figure3 = MATRICES["figure4"][1]
-    if any(key[1] == "full" for key in scores):  # where full fine-tuning ran
-        out += ["\n## Figure 3: full fine-tuning after each priming\n",
-                "Test F1, mean ± std over seeds (n). The paper gives these as bars only, without numbers.\n"]
-        out += markdown(["priming → full FT", *langs], [[f"{p}: {PRIMING_NAMES[p]}", *(
-            cell(stat((p, "full", l))) for l in langs)] for p in figure3])
+def chosen_rates(t):
+    """The rate chosen on dev in each cell, where a cell tried several or one of its runs diverged."""
+    lost = lambda key: sum(diverged(r) for records in t.runs[key].values() for r in records)
+    if not any(len(by_lr) > 1 or lost(key) for key, by_lr in t.runs.items()):
+        return []
+    def rate(key):
+        if key not in t.runs:
+            return "–"
+        tried = f"{len(t.runs[key])}" + (f", {lost(key)} diverged" if lost(key) else "")
+        return f"{t.best_lr[key]:g} ({tried})" if key in t.best_lr else f"none ({tried})"
+    return ["\n## Learning rate chosen on dev\n", "The rate with the best mean dev F1 over its runs, of the "
+            "n rates tried: rate (n). The table shows that rate's test F1."
+            + (" A rate with a run that diverged is never chosen." if any(map(lost, t.runs)) else "") + "\n",
+            *markdown(["priming → fine-tuning", *t.langs], [[f"{p} → {m}", *(rate((p, m, l)) for l in t.langs)]
+                                                           for p, m in sorted({key[:2] for key in t.runs})])]
 
-    out += ["\n## The paper's orderings, per language\n",
+
+def priming_seeds(t):
+    """Each priming seed's mean, where a cell pools the runs after several."""
+    seed = lambda r: (r.get("priming_config") or {}).get("seed")
+    pooled = [pair for pair in sorted({key[:2] for key in t.runs})
+              if any(len({seed(r) for r in t.chosen[key]}) > 1 for key in t.chosen if key[:2] == pair)]
+    if not pooled:
+        return []
+    by_seed = lambda records: {s: [r["test_f1"] for r in records if seed(r) == s] for s in sorted({seed(r) for r in records})}
+    return ["\n## Priming seeds\n", "Test F1 per priming seed p (mean over fine-tuning seeds). The table's "
+            "cells pool them, so their std holds the spread of both.\n",
+            *markdown(["priming → fine-tuning", *t.langs], [[f"{p} → {m}", *(", ".join(
+                f"p{s}: {statistics.mean(v):.2f}" for s, v in by_seed(t.chosen.get((p, m, l), [])).items()) or "–"
+                for l in t.langs)] for p, m in pooled])]
+
+
+def priming_loss(curves):
+    """Each priming's loss over each tenth of its steps (e.g. whether row 5b's heads learn where row 5's
+    barely move), from the primings {(label, seed): record}."""
+    if not curves:
+        return []
+    tenth = lambda loss, i: loss[i * len(loss) // 10:max((i + 1) * len(loss) // 10, i * len(loss) // 10 + 1)]
+    return ["\n## Priming loss\n", "Each priming's loss, averaged over each tenth of its steps: meta and maml, "
+            "the query loss after the inner loop; ft, the loss of the support and query batches, each summed "
+            "over a step's tasks. Then its length in steps and in minutes.\n",
+            *markdown(["priming (seed)", *(f"{10 * i}–{10 * i + 10}%" for i in range(10)), "steps", "min"], [
+                [f"{priming} ({seed})", *(f"{statistics.mean(tenth(p['loss_by_step'], i)):.3f}" for i in range(10)),
+                 len(p["loss_by_step"]), f"{p['seconds'] / 60:.0f}"] for (priming, seed), p in sorted(curves.items())])]
+
+
+def figure3(t):
+    """Figure 3's numbers, where full fine-tuning ran: full FT after each priming, per language."""
+    if not any(key[1] == "full" for key in t.cells):
+        return []
+    return ["\n## Figure 3: full fine-tuning after each priming\n",
+            "Test F1, mean ± std over seeds (n). The paper gives these as bars only, without numbers.\n",
+            *markdown(["priming → full FT", *t.langs], [[f"{p}: {PRIMING_NAMES[p]}", *(
+                shown(t.cells.get((p, "full", l))) for l in t.langs)] for p in MATRICES["figure4"][1]])]
+
+
+def verdict(better, worse):
+    """An ordering in one language, from the Cells of its better and its worse side."""
+    if not (better and worse):
+        return "–"
+    gap, spread = better.mean - worse.mean, max(better.std, worse.std)
+    return ("one seed" if min(better.n, worse.n) < 2 else "held" if gap > spread else "tie" if abs(gap) <= spread
+            else "not held") + f" ({gap:+.2f})"
+
+
+def orderings(t):
+    """Every claim of ORDERINGS about rows that ran, judged per language against the seeds' spread."""
+    claims = [[claim, *(verdict(t.cells.get(better + (l,)), t.cells.get(worse + (l,))) for l in t.langs)]
+              for claim, (better, worse) in ORDERINGS.items()]
+    claims = [c for c in claims if set(c[1:]) != {"–"}]  # claims about rows not run: out
+    if not claims:
+        return []
+    return ["\n## The paper's orderings, per language\n",
             "Table 1's and Figure 3's (§5.1 itself finds maml→full > meta→full in all but lt and et); then kyg's "
             "own: 4 > 5b, 4 > 7 [second order] and, in the claims naming meta-lora or meta-bitfit, Figure 4's "
             "diagonal extended beyond the adapter, each PE method primed best by its own inner loop (§6 only "
             "expects priming to apply to other PE methods). "
             "held: ours agree and the gap exceeds the larger seed std; tie: the gap is within it; "
-            "not held: ours disagree by more than it; one seed: a side has a single run, so no spread to judge by.\n"]
-    def verdict(a, b):  # (mean, std, n) of the better and the worse side
-        if not (a and b):
-            return "–"
-        gap, spread = a[0] - b[0], max(a[1], b[1])
-        return ("one seed" if min(a[2], b[2]) < 2 else "held" if gap > spread else "tie" if abs(gap) <= spread
-                else "not held") + f" ({gap:+.2f})"
-    claims = [[claim, *(verdict(stat(better + (l,)), stat(worse + (l,))) for l in langs)]
-              for claim, (better, worse) in ORDERINGS.items()]
-    out += markdown(["claim", *langs], [c for c in claims if set(c[1:]) != {"–"}])  # claims about rows not run: out
+            "not held: ours disagree by more than it; one seed: a side has a single run, so no spread to judge by.\n",
+            *markdown(["claim", *t.langs], claims)]
 
+
+def figure4_matrices(t):
+    """{file: (primings, methods, {(priming, method): average test F1 over every language, or None})} of
+    the MATRICES that ran (Figure 4 beyond the adapter only where LoRA or BitFit did), without the rows
+    and columns that did not."""
     matrices = {}
-    for name, (title, primings, methods) in MATRICES.items():
-        if name != "figure4" and not any(key[1] in ("lora", "bitfit") for key in scores):
+    for name, (_, primings, methods) in MATRICES.items():
+        if name != "figure4" and not any(key[1] in ("lora", "bitfit") for key in t.cells):
             continue
         matrix = {}
         for priming in primings:
             for method in methods:
-                means = [s[0] for l in langs if (s := stat((in_column(priming, method), method, l)))]
-                matrix[priming, method] = statistics.mean(means) if len(means) == len(langs) else None
-        primings = [p for p in primings if any(matrix[p, m] is not None for m in methods)]  # rows and columns
-        methods = [m for m in methods if any(matrix[p, m] is not None for p in primings)]   # not run are left out
-        if not methods:
-            continue
-        matrices[name] = primings, methods, matrix
-        out += [f"\n## {title}\n"] + markdown(["priming ↓ fine-tuning →", *methods], [[PRIMING_NAMES[p], *(
-            f"{matrix[p, m]:.2f}" if matrix[p, m] is not None else "–" for m in methods)] for p in primings])
-    text = "\n".join(out) + "\n"
-    write_text(text, os.path.join(directory, "table.md"))
-    return text, plot(directory, scores, langs, matrices, pictures(curves, chosen))
+                means = [c.mean for l in t.langs if (c := t.cells.get((in_column(priming, method), method, l)))]
+                matrix[priming, method] = statistics.mean(means) if len(means) == len(t.langs) else None
+        primings = [p for p in primings if any(matrix[p, m] is not None for m in methods)]
+        methods = [m for m in methods if any(matrix[p, m] is not None for p in primings)]
+        if methods:
+            matrices[name] = primings, methods, matrix
+    return matrices
 
 
 def pictures(primings, chosen):
@@ -325,7 +481,7 @@ def pictures(primings, chosen):
             "fine-tuning": ("Adapter tuning after each priming", "epoch", "dev F1 (mean over runs)", {"": tuning})}
 
 
-def plot(directory, scores, langs, matrices, lines):
+def plot(directory, t, matrices, lines):
     """Figure 3 (full fine-tuning after each priming, per language), the matrices and the pictures
     of priming at work (`pictures`) as PNG, each where its data exist."""
     try:
@@ -339,16 +495,14 @@ def plot(directory, scores, langs, matrices, lines):
         fig.tight_layout()
         fig.savefig(os.path.join(directory, f"{name}.png"), dpi=120)
         plt.close(fig)
-    drawn = ["figure3"] if any(key[1] == "full" for key in scores) else []  # where full fine-tuning ran
+    drawn = ["figure3"] if any(key[1] == "full" for key in t.cells) else []  # where full fine-tuning ran
     if drawn:
-        fig, ax = plt.subplots(figsize=(max(5, 1.2 + 1.1 * len(langs)), 3.2))  # the legend's width at least
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 + 1.1 * len(t.langs)), 3.2))  # the legend's width at least
         for i, priming in enumerate(MATRICES["figure4"][1]):  # points, not bars from 0: the gaps are 1-2 F1
-            runs = [scores.get((priming, "full", lang), []) for lang in langs]
-            ax.errorbar([x + 0.2 * (i - 1) for x in range(len(langs))],
-                        [statistics.mean(r) if r else float("nan") for r in runs],
-                        yerr=[statistics.stdev(r) if len(r) > 1 else 0 for r in runs],
-                        fmt="o", capsize=3, label=PRIMING_NAMES[priming])
-        ax.set_xticks(range(len(langs)), langs)
+            cells = [t.cells.get((priming, "full", lang)) for lang in t.langs]
+            ax.errorbar([x + 0.2 * (i - 1) for x in range(len(t.langs))], [c.mean if c else float("nan") for c in cells],
+                        yerr=[c.std if c else 0 for c in cells], fmt="o", capsize=3, label=PRIMING_NAMES[priming])
+        ax.set_xticks(range(len(t.langs)), t.langs)
         ax.set_ylabel("test F1 after full FT\n(mean ± std over seeds)")
         ax.legend(fontsize=8, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)  # clear of the points
         save(fig, "figure3")

@@ -898,6 +898,31 @@ def test_a_bf16_priming_and_tuning_run_end_to_end_and_say_so(tiny, tmp_path):
     assert {f.dtype for f in language.train.features} == {torch.float32}  # stored features stay fp32
 
 
+def tiny_priming(tiny, out, *flags):
+    """`kyg.py prime` arguments of a short priming on the tiny data into `out`."""
+    return ["prime", *flags, "--support-size", "8", "--query-size", "8", "--model", tiny["model"],
+            "--data-dir", tiny["data"], "--out", str(out)]
+
+
+@pytest.mark.parametrize("method, flags, says", [
+    ("meta", ["--inner-lr", "1e6"], r"step 1 of 3 \(its loss is nan\).*lower --inner-lr \(α, 1e\+06\)"),
+    ("ft", ["--meta-lr", "1e3"], r"step [4-6] of 6 \(its loss is nan\).*lower --meta-lr \(β, 1000\)")])
+def test_a_priming_whose_loss_is_not_finite_stops_there_and_writes_no_primed_model(tiny, tmp_path, method, flags,
+                                                                                 says):
+    """A rate far too large: the priming stops at the step whose loss is not finite, names the rate to
+    lower (α when the inner loop broke a whole θ, else β), and leaves no primed model, only the state it
+    saved before that step, which still resumes."""
+    steps = "3" if method == "meta" else "6"
+    args = tiny_priming(tiny, tmp_path / "m", "--method", method, "--steps", steps, "--save-every", "3", *flags)
+    with pytest.raises(SystemExit, match=r"^kyg: error: the priming diverged at " + says + " and prime into a new"):
+        kyg.main(args)
+    assert not (tmp_path / "m" / M.PRIMING_RECORD).exists()
+    if method == "ft":  # saved at step 3, diverged later: the state stays, and the same command resumes from it
+        assert len(M.load_tensors(str(tmp_path / "m" / M.PRIMING_STATE))[1]["history"]["loss"]) == 3
+        with pytest.raises(SystemExit, match="kyg: error: the priming diverged"):
+            kyg.main(args)
+
+
 # ---------------------------------------- fine-tuning
 
 
@@ -921,6 +946,48 @@ def test_a_run_asked_for_in_other_words_is_one_run(tiny, tmp_path):
     kyg.main(args + ["--data-dir", os.path.join(tiny["data"], ".", "")])
     records = report.read_results(str(tmp_path))
     assert [(r["lr"], r["config"]["lr"], r["config"]["data_dir"]) for r in records] == [(1e-3, 1e-3, tiny["data"])]
+
+
+def test_a_run_after_one_priming_is_one_run_however_its_directory_is_named(tiny, tmp_path, monkeypatch):
+    """A run is what it computes: its primed directory named relative, absolute, through a symlink or
+    from another working directory is one run; another priming seed is another run."""
+    prime = ["prime", "--method", "meta", "--steps", "1", "--support-size", "8", "--query-size", "8",
+             "--model", tiny["model"], "--data-dir", tiny["data"]]
+    kyg.main(prime + ["--out", str(tmp_path / "p")])
+    kyg.main(prime + ["--out", str(tmp_path / "p2"), "--seed", "2"])
+    os.symlink(tmp_path / "p", tmp_path / "link")
+    (tmp_path / "sub").mkdir()
+    tune = ["finetune", "--method", "head", "--lang", "hi", "--epochs", "1", "--model", tiny["model"],
+            "--data-dir", tiny["data"], "--no-save", "--out", str(tmp_path / "r")]
+    monkeypatch.chdir(tmp_path)
+    for init in ["p", str(tmp_path / "p"), "link", "./p/"]:
+        kyg.main(tune + ["--init", init])
+    monkeypatch.chdir(tmp_path / "sub")
+    kyg.main(tune + ["--init", "../p"])
+    kyg.main(tune + ["--init", "../p2"])
+    seeds = [r["priming_config"]["seed"] for r in report.read_results(str(tmp_path / "r"))]
+    assert seeds == [1, 2], f"priming seed of each recorded run: {seeds}"
+
+
+def test_a_run_whose_loss_is_not_finite_is_recorded_as_diverged_and_never_chosen(tiny, tmp_path, capsys):
+    """In a grid of rates, the rate that diverges does not stop the others; its run says so in its last
+    line and its record (no F1: 0 would look like a score), a rerun skips it, and the table never
+    chooses it and counts it."""
+    args = ["finetune", "--method", "head", "--lang", "hi", "--lr", "1e30", "1e-3", "--epochs", "2",
+            "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(tmp_path)]
+    kyg.main(args)
+    lines = capsys.readouterr().out.splitlines()
+    assert "diverged in epoch 1 (its training loss is not finite)" in lines[1] and "--lr 1e+30" in lines[1], lines
+    broken, fine = report.read_results(str(tmp_path))
+    assert (broken["lr"], broken["diverged_in_epoch"], broken["dev_f1"], broken["test_f1"]) == (1e30, 1, None, None)
+    assert broken["weights"] is None and os.listdir(tmp_path / "weights") == [os.path.basename(fine["weights"])]
+    assert fine["diverged_in_epoch"] is None and fine["test_f1"] > 0
+    kyg.main(args)
+    assert len(report.read_results(str(tmp_path))) == 2
+    kyg.main(["table", str(tmp_path)])
+    rows, text = table_rows(tmp_path), (tmp_path / "table.md").read_text(encoding="utf-8")
+    assert rows["| 2/HT"][0] == f"{fine['test_f1']:.2f} (1) / 72.71" and rows["| none → head"] == ["0.001 (2, 1 diverged)"]
+    assert "2 runs; 1 diverged (their loss stopped being finite), and their rates are never chosen." in text
 
 
 def test_live_trunk_is_only_for_a_frozen_trunk(tiny, tmp_path):
@@ -981,6 +1048,17 @@ def test_table_judges_an_ordering_only_against_a_spread(tmp_path):
     assert rows["| meta: adapter inner loop (Alg. 1)"] == ["72.50 ± 0.71 (2)", "–"]
     assert rows["| meta→full > none→full"] == ["held (+2.00)", "–"]
     assert rows["| maml→full > meta→full"][0] == "tie (+0.50)"
+
+
+def test_a_cell_whose_every_rate_diverged_says_so(tmp_path):
+    """A cell with no rate left to choose shows 'diverged', not a number and not nothing; a table of one
+    run says "1 run", and shows no claims' header without a claim under it."""
+    report.append_result(str(tmp_path), {"priming": "none", "method": "adapter", "lang": "hi", "seed": 1, "lr": 1e9,
+                                      "dev_f1": None, "test_f1": None, "diverged_in_epoch": 2})
+    kyg.main(["table", str(tmp_path)])
+    rows, text = table_rows(tmp_path), (tmp_path / "table.md").read_text(encoding="utf-8")
+    assert rows["| 3/AT"] == ["diverged / 77.76", "–"] and rows["| none → adapter"] == ["none (1, 1 diverged)"]
+    assert "`, 1 run; 1 diverged" in text and "| claim |" not in text, text
 
 
 def test_the_matrix_beyond_the_adapter_compares_each_column_with_its_own_ft_priming(tmp_path):
@@ -1149,6 +1227,23 @@ def test_every_table1_row_runs_from_the_command_line_and_writes_a_result(tiny, t
     assert "| 4/Meta Priming → AT |" in table and "| 4 > 3 |" in table and "/ 81.25" in table
 
 
+@pytest.mark.parametrize("command", ["prime", "tiny"])
+def test_kyg_never_writes_over_a_directory_it_did_not_make(tiny, tmp_path, command):
+    """A priming's --out (tiny's DIR) that holds a user's files, a model directory say, is refused in one
+    line before anything is written, and nothing in it or beside it changes; an empty one is written."""
+    user = tmp_path / "mbert"
+    shutil.copytree(tiny["model"], user)
+    before = {p.name: p.read_bytes() for p in user.iterdir()}
+    args = tiny_priming(tiny, "", "--method", "meta", "--steps", "1")[:-1] if command == "prime" else ["tiny"]
+    with pytest.raises(SystemExit, match=r"^kyg: error: \S+mbert is a directory that holds files kyg did not "
+                                         r"write, which kyg does not write over; pass a new or empty directory$"):
+        kyg.main(args + [str(user)])
+    assert {p.name: p.read_bytes() for p in user.iterdir()} == before and os.listdir(tmp_path) == ["mbert"]
+    (tmp_path / "empty").mkdir()
+    kyg.main(args + [str(tmp_path / "empty")])
+    assert len(os.listdir(tmp_path / "empty")) > 1
+
+
 def test_the_command_line_needs_no_fcntl():
     run = subprocess.run([sys.executable, "-c", WITHOUT_FCNTL + "import kyg\nkyg.main(['finetune', '--help'])"],
                          cwd=HERE, capture_output=True, text=True)
@@ -1169,15 +1264,23 @@ def bad_input(tiny, tmp_path, case):
         M.write_tiny_model(other, D.TINY_SYLLABLES, seed=1)
         kyg.main(["prime", "--method", "meta", "--steps", "1", "--support-size", "8", "--query-size", "8",
                   "--out", str(tmp_path / "m"), "--model", other, "--data-dir", tiny["data"]])
-    if case in ("a directory primed by an older kyg", "an adapter of another size"):
+    if case in ("a primed directory without its θa", "an adapter of another size"):
         kyg.main(["prime", "--method", "meta", "--steps", "1", "--support-size", "8", "--query-size", "8",
                   "--out", str(tmp_path / "m"), *common])
-    if case == "a directory primed by an older kyg":
+    if case == "a primed directory without its θa":
         os.rename(tmp_path / "m" / M.THETA_A, tmp_path / "m" / "adapter.safetensors")
     if case == "a data file that is not UTF-8":
         shutil.copytree(tiny["data"], tmp_path / "d")
         with open(tmp_path / "d" / "hi" / "dev.tsv", "ab") as f:
             f.write("Mal\u00e9\tB-PER\n".encode("latin-1"))
+    if case == "a data file cut short":  # an interrupted download
+        shutil.copytree(tiny["data"], tmp_path / "d")
+        train = tmp_path / "d" / "hi" / "train.tsv"
+        with gzip.open(f"{train}.gz", "wb") as f:
+            f.write(train.read_bytes())
+        train.unlink()
+        packed = (tmp_path / "d" / "hi" / "train.tsv.gz").read_bytes()
+        (tmp_path / "d" / "hi" / "train.tsv.gz").write_bytes(packed[:len(packed) // 2])
     if case in ("a malformed results line", "a results file of another format"):
         os.makedirs(tmp_path / "r")
         line = '{"priming": "none", "method": "adapter", "lang": "hi", "seed": 1, "test_f1": 5' + \
@@ -1195,7 +1298,7 @@ def bad_input(tiny, tmp_path, case):
                                "argument --steps: must be above 0"),
         "a malformed results line": (tune, "results.jsonl, line 1, is not a JSON record"),
         "a results file of another format": (["table", str(tmp_path / "r")], "is not a kyg result of format 3"),
-        "a directory primed by an older kyg": (tune + ["--init", str(tmp_path / "m")], "primed by an older kyg"),
+        "a primed directory without its θa": (tune + ["--init", str(tmp_path / "m")], f"lacks {M.THETA_A}, the primed θa"),
         "an adapter of another size": (tune + ["--init", str(tmp_path / "m"), "--bottleneck", "16"],
                                        "was primed with --bottleneck 64; pass that size"),
         "a device this machine lacks": (tune + ["--device", "cuda:7"], "--device cuda:7 is not available here"),
@@ -1203,6 +1306,7 @@ def bad_input(tiny, tmp_path, case):
         "an --out under a file": (tune[:5] + ["--out", os.path.join(HERE, "README.md", "r"), *common], "Not a directory"),
         "a primed --out under a file": (["prime", "--method", "meta", "--out", os.path.join(HERE, "README.md", "p"),
                                          *common], "README.md: "),
+        "a data file cut short": (tune[:-2] + ["--data-dir", str(tmp_path / "d")], "train.tsv.gz is cut short"),
         "a data file that is not UTF-8": (tune[:-2] + ["--data-dir", str(tmp_path / "d")],
                                           f"{tmp_path / 'd' / 'hi' / 'dev.tsv'}:"),
     }[case]
@@ -1211,10 +1315,11 @@ def bad_input(tiny, tmp_path, case):
 @pytest.mark.parametrize("case", ["init is not a primed model", "a damaged primed model", "an init from another model",
                                   "zero epochs", "zero batch size", "a negative learning rate",
                                   "zero training sentences", "zero priming steps", "a malformed results line",
-                                  "a results file of another format", "a directory primed by an older kyg",
+                                  "a results file of another format", "a primed directory without its θa",
                                   "an adapter of another size",
                                   "a device this machine lacks", "a device that does not exist", "an --out under a file",
-                                  "a primed --out under a file", "a data file that is not UTF-8"])
+                                  "a primed --out under a file", "a data file that is not UTF-8",
+                                  "a data file cut short"])
 def test_bad_input_is_one_error_line(tiny, tmp_path, case):
     """In process, for speed: kyg.main ends in SystemExit with the line that the command line
     prints to stderr alone (test_command_line_errors_are_one_line_without_traceback); any other
@@ -1379,6 +1484,68 @@ def test_two_workers_needing_one_priming_prime_it_once(tiny, tmp_path):
     outputs = [w.communicate()[0] for w in [kyg_process(*args) for _ in range(2)]]
     assert sorted("kyg: primed (" in out for out in outputs) == [False, True], outputs
     assert any("is primed already" in out for out in outputs)
+
+
+def test_a_full_disk_is_one_error_line_and_leaves_every_record_whole(tiny, tmp_path, monkeypatch):
+    """A write that fails halfway (a full disk, simulated: half the bytes, then ENOSPC) ends in one line
+    and leaves no half: results.jsonl keeps its earlier records and nothing more, failed weights leave
+    no file (nor a temporary one), and a priming whose primed model cannot be written keeps its state."""
+    tune = ["finetune", "--method", "head", "--lang", "hi", "--epochs", "1", "--model", tiny["model"],
+            "--data-dir", tiny["data"], "--out", str(tmp_path / "r")]
+    kyg.main(tune + ["--no-save"])
+    before = (tmp_path / "r" / "results.jsonl").read_bytes()
+    real_open = open
+
+    class FullDisk:  # a file that takes half of what is written to it, then has no space left
+        def __init__(self, path, mode, **kwargs):
+            self.file = real_open(path, mode, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            self.file.close()
+
+        def write(self, text):
+            self.file.write(text[:len(text) // 2])
+            self.file.flush()
+            raise OSError(28, "No space left on device")
+    with monkeypatch.context() as patch:
+        patch.setattr(report, "open", FullDisk, raising=False)
+        with pytest.raises(SystemExit, match=r"^kyg: error: cannot write \S+results.jsonl \(No space left on "
+                                             r"device\); free space on its disk or check its permissions"):
+            kyg.main(tune + ["--seed", "2", "--no-save"])
+    assert (tmp_path / "r" / "results.jsonl").read_bytes() == before
+
+    def half_then_full(tensors, path, metadata=None):
+        open(path, "wb").write(b"half a file")
+        raise M.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    with monkeypatch.context() as patch:
+        patch.setattr(M, "save_file", half_then_full)
+        with pytest.raises(SystemExit, match=r"^kyg: error: cannot write \S+\.safetensors \(.*No space left"):
+            kyg.main(tune + ["--seed", "3"])
+    assert os.listdir(tmp_path / "r" / "weights") == [] and (tmp_path / "r" / "results.jsonl").read_bytes() == before
+    prime = tiny_priming(tiny, tmp_path / "m", "--method", "meta", "--steps", "2", "--save-every", "1")
+    with monkeypatch.context() as patch:  # the primed model's θa, written last but for priming.json
+        real_save = M.save_file
+        patch.setattr(M, "save_file", lambda t, path, metadata=None: half_then_full(t, path) if os.path.basename(
+            path).startswith(M.THETA_A) else real_save(t, path, metadata))
+        with pytest.raises(SystemExit, match=r"^kyg: error: cannot write \S+m \(.*No space left"):
+            kyg.main(prime)
+    assert os.listdir(tmp_path / "m") == [M.PRIMING_STATE] and not any(".tmp" in n for n in os.listdir(tmp_path))
+    kyg.main(prime)  # space again: it resumes from its state and finishes
+    assert (tmp_path / "m" / M.PRIMING_RECORD).exists()
+
+
+def test_what_kyg_writes_is_as_readable_as_the_users_umask_says(tiny, tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    kyg.main(tiny_priming(tiny, tmp_path / "m", "--method", "meta", "--steps", "1"))
+    kyg.main(["finetune", "--method", "adapter", "--lang", "hi", "--epochs", "1", "--model", tiny["model"],
+              "--data-dir", tiny["data"], "--init", str(tmp_path / "m"), "--out", str(tmp_path / "r")])
+    written = [*(tmp_path / "m").iterdir(), *(tmp_path / "r" / "weights").iterdir(), tmp_path / "r" / "results.jsonl"]
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in written}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
 
 
 def test_a_rerun_with_other_settings_is_refused(tiny, tmp_path):
