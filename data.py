@@ -15,7 +15,6 @@ import random
 import zlib
 from collections import namedtuple
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -223,28 +222,3 @@ def f1(gold, predicted):
     conlleval-compatible mode (an entity is a maximal B-X I-X... span; a stray I-X starts one)."""
     from seqeval.metrics import f1_score
     return 100.0 * f1_score(gold, predicted, zero_division=0)
-
-
-# ----------------------------------------------------------------------------- tiny data
-
-TINY_SYLLABLES = ("ka", "lo", "mi", "ra", "te", "su", "no", "vi", "de", "ba", "go", "pe", ".")
-_TINY_ENTITY_START = {"PER": "ka", "ORG": "ba", "LOC": "vi"}  # what makes the tiny task learnable
-
-
-def write_tiny_data(directory, languages, sizes=(200, 50, 50), seed=0):
-    """WikiAnn-shaped data, `{lang}/{train,dev,test}.tsv`, for tests and `run.sh smoke`: words of 1-3
-    syllables, an entity word starting with its type's syllable, entities of one or two words."""
-    others = [s for s in TINY_SYLLABLES if s not in _TINY_ENTITY_START.values() and s != "."]
-    for lang in languages:
-        rng = random.Random(f"{seed}-{lang}")
-        word = lambda first: first + "".join(rng.choices(others, k=rng.randint(0, 2)))
-        for split, size in zip(("train", "dev", "test"), sizes):
-            lines = []
-            for _ in range(size):
-                for _ in range(rng.randint(3, 10)):
-                    kind = rng.choice(["O", "O", "O", "PER", "ORG", "LOC"])
-                    lines += [f"{word(rng.choice(others))}\tO"] if kind == "O" else [
-                        f"{word(_TINY_ENTITY_START[kind])}\t{'BI'[i > 0]}-{kind}" for i in range(rng.randint(1, 2))]
-                lines.append(".\tO\n")
-            os.makedirs(os.path.join(directory, lang), exist_ok=True)
-            Path(directory, lang, f"{split}.tsv").write_text("\n".join(lines), encoding="utf-8")

@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 
 import model as M
 import report
-from data import LABELS, TINY_SYLLABLES, TaskSampler, batches, collate, encode, f1, load_split, word_tags
-from data import write_tiny_data
+from data import LABELS, TaskSampler, batches, collate, encode, f1, load_split, word_tags
 from meta import InnerLoop, prime as priming_steps, priming_optimizer
 from report import KygError, priming_label
+from tiny import write_tiny_data, write_tiny_model
 
 # ---- defaults: the paper's where it gives them (§4.1, §4.2, §5.1), ours otherwise (README)
 MODEL = "bert-base-multilingual-cased"  # §4.2
@@ -321,10 +321,8 @@ def priming_loop(args, run, history, device):
 def divergence(args, settings, step, loss, support_losses):
     """What to say when a priming's loss is no longer finite: the rate to lower is α where the inner loop
     broke a θ that was whole (its first support loss, at θ, is finite), else that of the updates of θ."""
-    if support_losses and math.isfinite(support_losses[0]):
-        rate = f"--inner-lr (α, {settings['inner_lr']:g})"
-    else:
-        rate = f"--meta-lr (β, {args.meta_lr:g})" + (f" or --head-lr ({args.head_lr:g})" if args.head_lr else "")
+    rate = f"--inner-lr (α, {settings['inner_lr']:g})" if support_losses and math.isfinite(support_losses[0]) else \
+        f"--meta-lr (β, {args.meta_lr:g})" + (f" or --head-lr ({args.head_lr:g})" if args.head_lr else "")
     return (f"the priming diverged at step {step} of {settings['steps']} (its loss is {loss}), and nothing was "
             f"written as primed; lower {rate} and prime into a new --out")
 
@@ -544,7 +542,7 @@ def train(args, model, trainable, config, language, name):
 def tiny(args):
     """The offline stand-ins for mBERT and WikiAnn that the tests and `run.sh smoke` use."""
     new_or_ours(args.dir)
-    M.write_tiny_model(os.path.join(args.dir, "model"), TINY_SYLLABLES)
+    write_tiny_model(os.path.join(args.dir, "model"))
     write_tiny_data(os.path.join(args.dir, "data"), SOURCE_LANGS + report.TARGET_LANGS)
     print(f"kyg: wrote {args.dir}/model (tiny BERT) and {args.dir}/data (tiny WikiAnn-style data)")
 

@@ -48,7 +48,7 @@ class InnerLoop:
     steps: int = 5              # S
     lr: float = 0.03            # α
     second_order: bool = False  # line 14 differentiates through the S steps ("meta" only)
-    cache_trunk: bool = True    # "meta": f(x_tr; θp) once per task: exact without dropout; in training one draw serves all S
+    cache_trunk: bool = True    # "meta": f(x_tr; θp) once per task: exact without dropout; in training one draw, all S
 
 
 def task_loss(model, params, batch, lang, hidden=None):

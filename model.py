@@ -10,7 +10,7 @@ Every parameter's name says its group (group_of): θp "pretrained" (`encoder.*`)
 (`adapter.*`, `*.lora_a`/`*.lora_b`, for BitFit `encoder.*.bias`), θh "head" (`heads.<lang>.*`).
 meta.py runs the model through `torch.func.functional_call` with some names bound to the inner
 loop's copies; kyg.py fine-tunes it. Also here: loading, with clear errors; the files kyg
-writes (primed model directories, a priming's resumable state); the tests' tiny BERT.
+writes (primed model directories, a priming's resumable state).
 """
 import json
 import math
@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from data import LABELS
-from report import UMASK, KygError, write_atomic, write_text, writing
+from report import UMASK, KygError, write_atomic, writing
 
 ADAPTER_INIT = "identity"  # how a fresh g starts (Adapter); recorded with every priming and run that has one
 
@@ -293,18 +293,3 @@ def restore_priming_state(tensors, record, model, optimizer, scheduler, sampler)
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return record
-
-
-# ----------------------------------------------------------------------------- tiny model
-
-def write_tiny_model(directory, syllables, seed=0):
-    """A 2-layer, hidden-32 BERT with random weights, as a Hugging Face directory, whose vocabulary is
-    `syllables` and `##syllables`, so a word of k syllables is k sub-words."""
-    from transformers import BertConfig, BertModel
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(syllables) + ["##" + s for s in syllables]
-    torch.manual_seed(seed)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(directory)
-    Path(directory, "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": False}),  # the fast one loads it
-               os.path.join(directory, "tokenizer_config.json"))

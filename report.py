@@ -20,6 +20,7 @@ from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 
 RESULTS_FORMAT = 3  # of each line of results.jsonl; 3: a run's config holds its device and precision
+REQUIRED = ("format", "priming", "method", "lang", "seed", "test_f1")  # what every line holds
 
 
 class KygError(Exception):
@@ -98,7 +99,7 @@ def read_results(directory):
             record = json.loads(line)
         except ValueError as e:
             raise KygError(f"{path}, line {number}, is not a JSON record ({e}); delete or mend that line")
-        missing = {"format", "priming", "method", "lang", "seed", "test_f1"} - (record.keys() if isinstance(record, dict) else set())
+        missing = set(REQUIRED) - set(record if isinstance(record, dict) else ())
         if missing or record["format"] != RESULTS_FORMAT:
             why = f"lacks {', '.join(sorted(missing))}" if missing else f"says format {record['format']}"
             raise KygError(f"{path}, line {number}, is not a kyg result of format {RESULTS_FORMAT} (it {why}); "
@@ -116,7 +117,8 @@ TARGET_LANGS = ["hi", "af", "az", "lt", "et", "nl"]  # §4.1, Table 1
 ROWS = {"1": ("none", "full", "1/Full FT"), "2": ("none", "head", "2/HT"), "3": ("none", "adapter", "3/AT"),
         "4": ("meta", "adapter", "4/Meta Priming → AT"),
         "4-2nd": ("meta-2nd", "adapter", "4/Meta Priming → AT [second order]"),
-        "5": ("ft", "adapter", "5/FT Priming → AT"), "5b": ("ft-head0.001", "adapter", "5b/FT Priming, heads at 0.001 → AT"),
+        "5": ("ft", "adapter", "5/FT Priming → AT"),
+        "5b": ("ft-head0.001", "adapter", "5b/FT Priming, heads at 0.001 → AT"),
         "6": ("maml", "adapter", "6/MP [MAML Loop] → AT"), "7": ("meta-S1", "adapter", "7/MP [1 Inner Step] → AT"),
         "7-2nd": ("meta-S1-2nd", "adapter", "7/MP [1 Inner Step] → AT [second order]"),
         "fig3-meta": ("meta", "full", None), "fig3-maml": ("maml", "full", None)}
@@ -131,7 +133,8 @@ PAPER_TABLE1 = {  # entity-level F1, mBERT, priming on en + es
 ORDERINGS = {**{f"{a} > {b}": (a, b) for a, b in [("4", "5"), ("4", "6"), ("4", "7"), ("4", "3"), ("3", "2")] +
                 [("1", row) for row in "234567"]},
              "maml→full > meta→full": ("fig3-maml", "fig3-meta"), "meta→full > none→full": ("fig3-meta", "1"),
-             "maml→full > none→full": ("fig3-maml", "1"), "4 > 5b": ("4", "5b"), "4 > 7 [second order]": ("4-2nd", "7-2nd")}
+             "maml→full > none→full": ("fig3-maml", "1"), "4 > 5b": ("4", "5b"),
+             "4 > 7 [second order]": ("4-2nd", "7-2nd")}
 ORDERINGS = {claim: (ROWS[a][:2], ROWS[b][:2]) for claim, (a, b) in ORDERINGS.items()}
 # Priming × fine-tuning matrices, averaged over the languages: file -> (title, primings, methods). The
 # second, Figure 4 beyond the adapter, only where LoRA or BitFit ran; its row "ft{pe}" is FT priming
@@ -337,7 +340,8 @@ def table1(directory, results, t):
         cells = {lang: t.cells.get((priming, method, lang)) for lang in t.langs}
         ours = [cells[l].mean for l in t.langs if cells[l] and (l in paper or not paper)]
         theirs = [paper[l] for l in t.langs if cells[l] and l in paper]
-        average = f"{statistics.mean(ours):.2f} / {f'{statistics.mean(theirs):.2f}' if theirs else '–'}" if ours else "–"
+        theirs = f"{statistics.mean(theirs):.2f}" if theirs else "–"
+        average = f"{statistics.mean(ours):.2f} / {theirs}" if ours else "–"
         comparable = sum(lang in paper for lang in t.langs) if paper else len(t.langs)
         if ours and len(ours) < comparable:  # an average over fewer languages than the other rows'
             average += f" ({len(ours)} of {comparable} languages)"
@@ -352,18 +356,15 @@ def table1(directory, results, t):
 
 
 def chosen_rates(t):
-    """The rate chosen on dev in each cell, where a cell tried several or one of its runs diverged."""
-    lost = lambda key: sum(diverged(r) for records in t.runs[key].values() for r in records)
-    if not any(len(by_lr) > 1 or lost(key) for key, by_lr in t.runs.items()):
+    """The rate chosen on dev in each cell, where some cell tried several or had a run diverge."""
+    if not any(len(by_lr) > 1 or key not in t.best_lr for key, by_lr in t.runs.items()):
         return []
-    def rate(key):
-        if key not in t.runs:
-            return "–"
-        tried = f"{len(t.runs[key])}" + (f", {lost(key)} diverged" if lost(key) else "")
-        return f"{t.best_lr[key]:g} ({tried})" if key in t.best_lr else f"none ({tried})"
+    rate = lambda key: "–" if key not in t.runs else f"{t.best_lr[key]:g} ({len(t.runs[key])})" \
+        if key in t.best_lr else f"none of {len(t.runs[key])}: all diverged"
+    lost = any(diverged(r) for by_lr in t.runs.values() for records in by_lr.values() for r in records)
+    never = " Never a rate with a run that diverged." if lost else ""
     return ["\n## Learning rate chosen on dev\n", "The rate with the best mean dev F1 over its runs, of the "
-            "n rates tried: rate (n). The table shows that rate's test F1."
-            + (" A rate with a run that diverged is never chosen." if any(map(lost, t.runs)) else "") + "\n",
+            f"n rates tried: rate (n). The table shows that rate's test F1.{never}\n",
             *markdown(["priming → fine-tuning", *t.langs], [[f"{p} → {m}", *(rate((p, m, l)) for l in t.langs)]
                                                            for p, m in sorted({key[:2] for key in t.runs})])]
 
@@ -375,7 +376,8 @@ def priming_seeds(t):
               if any(len({seed(r) for r in t.chosen[key]}) > 1 for key in t.chosen if key[:2] == pair)]
     if not pooled:
         return []
-    by_seed = lambda records: {s: [r["test_f1"] for r in records if seed(r) == s] for s in sorted({seed(r) for r in records})}
+    by_seed = lambda records: {s: [r["test_f1"] for r in records if seed(r) == s]
+                               for s in sorted(set(map(seed, records)))}
     return ["\n## Priming seeds\n", "Test F1 per priming seed p (mean over fine-tuning seeds). The table's "
             "cells pool them, so their std holds the spread of both.\n",
             *markdown(["priming → fine-tuning", *t.langs], [[f"{p} → {m}", *(", ".join(
@@ -474,7 +476,8 @@ def pictures(primings, chosen):
             r["dev_f1_by_epoch"] for r in records if m == "adapter" and r.get("dev_f1_by_epoch"))
     tuning = {line: [statistics.mean(epoch) for epoch in zip(*runs)] for line, runs in tuning.items() if runs}
     return {"priming": ("Priming: the loss at every step, as the mean loss of one batch\n(meta: a query batch, after "
-                        "the inner loop; ft: a support or a query batch)", "priming step", "loss per batch", {"": loss}),
+                        "the inner loop; ft: a support or a query batch)", "priming step", "loss per batch",
+                        {"": loss}),
             "inner-loop": ("The inner loop learning to learn: support loss over Algorithm 1's S steps\n"
                            "(each panel on its own scale)", "inner step", "support loss before the step",
                            {f"{when} tenth of priming": lines for when, lines in inner.items()}),
@@ -482,57 +485,64 @@ def pictures(primings, chosen):
 
 
 def plot(directory, t, matrices, lines):
-    """Figure 3 (full fine-tuning after each priming, per language), the matrices and the pictures
-    of priming at work (`pictures`) as PNG, each where its data exist."""
+    """Figure 3 (full fine-tuning after each priming, per language), the pictures of priming at work
+    (`pictures`) and the matrices as PNG beside table.md, each where its data exist."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return "kyg: figures skipped: `pip install matplotlib` to draw figure3.png and figure4.png"
-
-    def save(fig, name):
+    figures = {"figure3": figure3_points(plt, t)} if any(key[1] == "full" for key in t.cells) else {}
+    figures.update({name: curves(plt, *picture) for name, picture in lines.items() if any(picture[3].values())})
+    figures.update({name: heatmap(plt, name, *matrix) for name, matrix in matrices.items()})
+    for name, fig in figures.items():
         fig.tight_layout()
         fig.savefig(os.path.join(directory, f"{name}.png"), dpi=120)
         plt.close(fig)
-    drawn = ["figure3"] if any(key[1] == "full" for key in t.cells) else []  # where full fine-tuning ran
-    if drawn:
-        fig, ax = plt.subplots(figsize=(max(5, 1.2 + 1.1 * len(t.langs)), 3.2))  # the legend's width at least
-        for i, priming in enumerate(MATRICES["figure4"][1]):  # points, not bars from 0: the gaps are 1-2 F1
-            cells = [t.cells.get((priming, "full", lang)) for lang in t.langs]
-            ax.errorbar([x + 0.2 * (i - 1) for x in range(len(t.langs))], [c.mean if c else float("nan") for c in cells],
-                        yerr=[c.std if c else 0 for c in cells], fmt="o", capsize=3, label=PRIMING_NAMES[priming])
-        ax.set_xticks(range(len(t.langs)), t.langs)
-        ax.set_ylabel("test F1 after full FT\n(mean ± std over seeds)")
-        ax.legend(fontsize=8, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)  # clear of the points
-        save(fig, "figure3")
-    for name, (primings, methods, matrix) in matrices.items():
-        fig, ax = plt.subplots(figsize=(3.2 + 1.3 * len(methods), 0.8 + 0.8 * len(primings)))
-        grid = [[matrix[p, m] if matrix[p, m] is not None else float("nan") for m in methods] for p in primings]
-        image = ax.imshow(grid, cmap="Greens")
-        for i, row in enumerate(grid):
-            for j, value in enumerate(row):  # white on the darker half of the colour map
-                dark = value == value and image.norm(value) > 0.5
-                ax.text(j, i, f"{value:.2f}" if value == value else "not run", ha="center", va="center",
-                        color="white" if dark else "black")
-                if OWN_INNER_LOOP.get(methods[j]) == primings[i] and name == "figure4-pe":  # the diagonal
-                    ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2.5, ec="black"))
-        ax.set_xticks(range(len(methods)), methods)
-        ax.set_yticks(range(len(primings)), [PRIMING_NAMES.get(p, f"{p} priming") for p in primings])
-        ax.set(xlabel="fine-tuning", title="average test F1" + (" (boxed: own inner loop)" if name == "figure4-pe"
-                                                                 else " (no priming: kyg's row)"))
-        save(fig, name)
-    for name, (title, x, y, panels) in lines.items():
-        if not any(panels.values()):
-            continue
-        fig, axes = plt.subplots(1, len(panels), squeeze=False, figsize=(7 if len(panels) == 1 else 5 * len(panels), 4.3))
-        for ax, (panel, curves) in zip(axes[0], panels.items()):
-            for label, ys in curves.items():
-                ax.plot(range(1, len(ys) + 1), ys, marker="o" if len(ys) < 30 else None, label=label)
-            ax.set(title=panel, xlabel=x, ylabel=y)
-            ax.xaxis.get_major_locator().set_params(integer=True)  # steps and epochs are whole
-            ax.legend(fontsize=7)
-        fig.suptitle(title, fontsize=11)
-        save(fig, name)
-        drawn.append(name)
-    return "kyg: wrote " + ", ".join(f"{directory}/{name}.png" for name in drawn + list(matrices))
+    return "kyg: wrote " + ", ".join(f"{directory}/{name}.png" for name in figures)
+
+
+def figure3_points(plt, t):
+    """Figure 3: test F1 after full fine-tuning, per language, after each priming (mean ± std)."""
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 + 1.1 * len(t.langs)), 3.2))  # the legend's width at least
+    for i, priming in enumerate(MATRICES["figure4"][1]):  # points, not bars from 0: the gaps are 1-2 F1
+        cells = [t.cells.get((priming, "full", lang)) for lang in t.langs]
+        ax.errorbar([x + 0.2 * (i - 1) for x in range(len(t.langs))], [c.mean if c else float("nan") for c in cells],
+                    yerr=[c.std if c else 0 for c in cells], fmt="o", capsize=3, label=PRIMING_NAMES[priming])
+    ax.set_xticks(range(len(t.langs)), t.langs)
+    ax.set_ylabel("test F1 after full FT\n(mean ± std over seeds)")
+    ax.legend(fontsize=8, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)  # off the points
+    return fig
+
+
+def heatmap(plt, name, primings, methods, matrix):
+    """A priming × fine-tuning matrix of figure4_matrices, each cell's average written in it."""
+    fig, ax = plt.subplots(figsize=(3.2 + 1.3 * len(methods), 0.8 + 0.8 * len(primings)))
+    grid = [[matrix[p, m] if matrix[p, m] is not None else float("nan") for m in methods] for p in primings]
+    image = ax.imshow(grid, cmap="Greens")
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):  # white on the darker half of the colour map
+            dark = value == value and image.norm(value) > 0.5
+            ax.text(j, i, f"{value:.2f}" if value == value else "not run", ha="center", va="center",
+                    color="white" if dark else "black")
+            if OWN_INNER_LOOP.get(methods[j]) == primings[i] and name == "figure4-pe":  # the diagonal
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2.5, ec="black"))
+    ax.set_xticks(range(len(methods)), methods)
+    ax.set_yticks(range(len(primings)), [PRIMING_NAMES.get(p, f"{p} priming") for p in primings])
+    ax.set(xlabel="fine-tuning", title="average test F1" + (" (boxed: own inner loop)" if name == "figure4-pe"
+                                                             else " (no priming: kyg's row)"))
+    return fig
+
+
+def curves(plt, title, x, y, panels):
+    """A picture of `pictures`: a panel each, a line per curve."""
+    fig, axes = plt.subplots(1, len(panels), squeeze=False, figsize=(7 if len(panels) == 1 else 5 * len(panels), 4.3))
+    for ax, (panel, lines) in zip(axes[0], panels.items()):
+        for label, ys in lines.items():
+            ax.plot(range(1, len(ys) + 1), ys, marker="o" if len(ys) < 30 else None, label=label)
+        ax.set(title=panel, xlabel=x, ylabel=y)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # steps and epochs are whole
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=11)
+    return fig
