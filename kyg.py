@@ -86,7 +86,7 @@ def parser():
 
     def shared(q):
         q.add_argument("--model", default=MODEL, help=f"hub name or local directory (default {MODEL})")
-        # --data-dir, as --init, in one spelling (no trailing slash, no ./): a run's key holds it (run_config)
+        # --data-dir in one spelling (no trailing slash, no ./): a run's key holds it (run_config)
         q.add_argument("--data-dir", type=os.path.normpath,
                        help="local WikiAnn, {lang}/{train,dev,test}.tsv[.gz] (default: the hub)")
         q.add_argument("--device", help="default: cuda when present, else cpu")

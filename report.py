@@ -158,8 +158,6 @@ ORDERINGS.update({f"{own}→{m} > {other}→{m}": ((own, m), (other, m)) for m, 
                   if other != own and (m != "adapter" or other.startswith("meta-"))})
 
 
-# What a priming's record holds besides its outcome (kyg.priming_settings): runs after primings that
-# differ in any of these, but the seed and the device, are not one recipe.
 # A priming's label, as the table names it, is its method (meta, ft, maml; "none": no priming) and a
 # part for each setting away from its default; run.sh primes a label with the flags that this table
 # gives it. (setting, default, label part, that part as a pattern, the `kyg.py prime` flag)
