@@ -92,7 +92,6 @@ def parser():
         q.add_argument("--device", help="default: cuda when present, else cpu")
         q.add_argument("--bf16", action="store_true", help="run the encoder's forward under bfloat16 autocast "
                        "(losses, optimizer and stored features stay fp32); off: the paper's numbers are fp32")
-        q.add_argument("--tf32", action="store_true", help="on CUDA, let fp32 matrix products use TF32")
         q.add_argument("--max-train", type=count, help="use only the first N training sentences per language")
         q.add_argument("--max-length", type=count, default=MAX_LENGTH, help="sub-words the model sees")
         q.add_argument("--batch-size", type=count, default=BATCH_SIZE)
@@ -152,7 +151,7 @@ def parser():
 
 def device_of(args):
     """The device to run on, tried with a kernel (a torch built without kernels for this GPU fails
-    here, not mid-run), refused in one line when it cannot run one; --tf32 applies to it."""
+    here, not mid-run), refused in one line when it cannot run one."""
     name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         ones = torch.ones(4, 4, device=name)
@@ -160,20 +159,7 @@ def device_of(args):
     except (RuntimeError, AssertionError) as e:  # no such device here, a torch built without it, a full GPU
         raise KygError(f"--device {name} is not available here ({str(e).strip().splitlines()[0][:160]}); "
                        f"pass --device cpu, or leave --device out")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     return torch.device(name)
-
-
-def precision(args, device):
-    """What a run computes in, part of what makes it what it is: fp32 (the paper's), bf16, tf32 (CUDA's
-    only: elsewhere it changes nothing) or both."""
-    tf32 = args.tf32 and device.type == "cuda"
-    return "+".join(name for name, on in (("bf16", args.bf16), ("tf32", tf32)) if on) or "fp32"
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    torch.manual_seed(seed)  # every device's generator
 
 
 def to_device_fn(tokenizer, device):
@@ -190,13 +176,6 @@ def progress(**kwargs):
                             flush=sys.stderr.flush)
     in_log = not sys.stderr.isatty() and "ipykernel" not in sys.modules
     return tqdm(**kwargs, **({"file": lines, "mininterval": 60} if in_log else {}))
-
-
-def redraws_next(bar):
-    """Whether bar.update() will redraw the bar: only then is a loss worth reading off the device,
-    which waits for it (a sync) and so stalls the queue of work."""
-    return not bar.disable and bar.n + 1 - bar.last_print_n >= bar.miniters and \
-        time.time() - bar.last_print_t >= bar.mininterval
 
 
 def new_or_ours(path, ours=lambda directory: False):
@@ -217,7 +196,7 @@ def priming_settings(args, device):
     The device is one of them: a priming resumes only where its optimizer and RNG states belong."""
     return report.priming_settings({**vars(args), "inner_lr": args.inner_lr or INNER_LR.get(args.method),
                                     "adapter_init": M.ADAPTER_INIT, "device": device.type,
-                                    "precision": precision(args, device)})
+                                    "precision": "bf16" if args.bf16 else "fp32"})
 
 
 PrimingRun = namedtuple("PrimingRun", "model tokenizer sampler optimizer scheduler settings")
@@ -260,7 +239,7 @@ def prime_alone(args, settings, device):
 def start_priming(args, settings, device):
     """The model, tokenizer, task sampler (Alg. 1, line 7) and optimizer of a priming from its start;
     its settings with the number of steps resolved."""
-    seed_everything(args.seed)
+    torch.manual_seed(args.seed)  # every device's generator: θa's and θh's init, dropout
     encoder, tokenizer = M.load_encoder(args.model)
     model = M.Tagger(encoder, args.source, args.pe, args.bottleneck)
     model.bf16 = args.bf16
@@ -359,7 +338,7 @@ def run_config(args, priming, device, lang, lr, seed):
     config = {key: getattr(args, key) for key in ("model", "data_dir", "method", "max_train", "max_eval", "max_dev",
                                                    "max_length", "epochs", "batch_size")}
     return {**config, "lang": lang, "lr": lr, "seed": seed, "schedule": FINETUNE_SCHEDULE[args.method],
-            "device": device.type, "precision": precision(args, device),
+            "device": device.type, "precision": "bf16" if args.bf16 else "fp32",
             **({"cached_trunk": not args.live_trunk} if args.method in STORED_FEATURES else {}),
             **({"bottleneck": args.bottleneck, "adapter_init": M.ADAPTER_INIT}
                if pe_method_of(args.method, priming) == "adapter" else {})}
@@ -474,7 +453,7 @@ def fine_tune(args, priming, config, name, language, device):
     """One run: tune (`train`), score the epoch with the best dev F1 on test, append the record. A run
     whose training loss stopped being finite is recorded as diverged, without an F1 or weights."""
     lang, lr, seed = config["lang"], config["lr"], config["seed"]
-    seed_everything(seed)
+    torch.manual_seed(seed)  # every device's generator: θa's and θh's init, dropout
     model = tagger(args, priming, language.encoder, lang)
     for part in [model] if language.train.features is None else [model.adapter, model.heads]:  # f runs, or not
         part.to(device)
@@ -512,27 +491,28 @@ def train(args, model, trainable, config, language, name):
     best dev F1, its epoch, its trained state), the epoch in which the loss stopped being finite, or None)."""
     lang, device = config["lang"], next(iter(trainable.values())).device
     to_device = to_device_fn(language.tokenizer, device)
-    steps = args.epochs * math.ceil(len(language.train.examples) / args.batch_size)
-    optimizer, scheduler = fine_tuning_optimizer(trainable.values(), config["lr"], steps, config["schedule"])
+    per_epoch = math.ceil(len(language.train.examples) / args.batch_size)
+    optimizer, scheduler = fine_tuning_optimizer(trainable.values(), config["lr"], args.epochs * per_epoch,
+                                                 config["schedule"])
     rng = random.Random(config["seed"])
     dev_by_epoch, best = [], (-1.0, 0, None)  # (dev F1, epoch, trained state)
-    broken = torch.zeros((), dtype=torch.bool, device=device)  # whether a loss was not finite
-    with progress(total=steps, desc=name, unit="step") as bar:
+    with progress(total=args.epochs * per_epoch, desc=name, unit="step") as bar:
         for epoch in range(1, args.epochs + 1):
             model.train()
+            epoch_loss = torch.zeros((), device=device)  # read once an epoch: a read waits for the device
             for chunk in batches(language.train.examples, args.batch_size, rng):
                 loss = M.token_loss(*logits_of(model, lang, language.train, chunk, to_device))
-                broken |= ~loss.detach().isfinite()  # read once an epoch: a read waits for the device
+                epoch_loss += loss.detach()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                if redraws_next(bar):
-                    bar.set_postfix(loss=f"{loss.item():.3f}", best_dev=f"{best[0]:.1f}", refresh=False)
                 bar.update()
-            if broken.item():
+            mean_loss = epoch_loss.item() / per_epoch
+            if not math.isfinite(mean_loss):  # a step's loss was not finite
                 return dev_by_epoch, best, epoch
             dev_by_epoch.append(score(model, lang, language.dev, to_device, args.batch_size))
+            bar.set_postfix(loss=f"{mean_loss:.3f}", dev=f"{dev_by_epoch[-1]:.1f}")
             if dev_by_epoch[-1] > best[0]:
                 state = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
                 best = (dev_by_epoch[-1], epoch, state)

@@ -26,7 +26,6 @@
 #   KYG_DATA_DIR     local WikiAnn, {lang}/{train,dev,test}.tsv   [the hub]
 #   KYG_DEVICE       cuda or cpu                          [cuda when present]
 #   KYG_BF16         1: the encoder's forward in bfloat16 (kyg.py --bf16; fp32 losses and optimizer)   [0]
-#   KYG_TF32         1: on CUDA, fp32 matrix products in TF32 (kyg.py --tf32)   [0]
 #   KYG_ROWS         what to run: 1-7, 5b, 4-2nd, 7-2nd, fig3-meta, fig3-maml, or any PRIMING:METHOD
 #                    (a priming label as the table names it, e.g. meta-lora:bitfit)   [all]
 #   KYG_SEEDS        fine-tuning seeds                    [1 2 3]
@@ -91,7 +90,6 @@ COMMON=(--model "${KYG_MODEL:-bert-base-multilingual-cased}")
 [[ -n "${KYG_DATA_DIR:-}" ]] && COMMON+=(--data-dir "$KYG_DATA_DIR")
 [[ -n "${KYG_DEVICE:-}" ]] && COMMON+=(--device "$KYG_DEVICE")
 [[ "${KYG_BF16:-0}" == 1 ]] && COMMON+=(--bf16)
-[[ "${KYG_TF32:-0}" == 1 ]] && COMMON+=(--tf32)
 [[ -n "${KYG_MAX_TRAIN:-}" ]] && COMMON+=(--max-train "$KYG_MAX_TRAIN")
 PRIME=("${SMOKE[@]}")
 [[ -n "${KYG_PRIME_STEPS:-}" ]] && PRIME+=(--steps "$KYG_PRIME_STEPS")
