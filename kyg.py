@@ -463,19 +463,19 @@ def fine_tune(args, priming, config, name, language, device):
     to_device = to_device_fn(language.tokenizer, device)
     started = time.time()
     dev_by_epoch, (dev_f1, best_epoch, state), diverged_in = train(args, model, trainable, config, language, name)
-    test_f1, weights = None, None
+    scores, weights = {"dev_f1": None, "test_f1": None, "best_epoch": None}, None  # a diverged run's
     if not diverged_in:
         model.load_state_dict(state, strict=False)
         test_f1 = score(model, lang, language.test, to_device, args.batch_size)
-        weights = None if args.no_save else os.path.join("weights", f"{name}.safetensors")
-    if weights:
-        M.save_tensors(state, os.path.join(args.out, weights), {"method": args.method, "lang": lang, "init": args.init})
+        scores = {"dev_f1": round(dev_f1, 2), "test_f1": round(test_f1, 2), "best_epoch": best_epoch}
+        if not args.no_save:
+            weights = os.path.join("weights", f"{name}.safetensors")
+            M.save_tensors(state, os.path.join(args.out, weights), {"method": args.method, "lang": lang,
+                                                                    "init": args.init})
     saved_bytes = sum(p.numel() * p.element_size() for p in trainable.values())
-    scored = lambda f1: None if diverged_in else round(f1, 2)
     report.append_result(args.out, {
         "priming": priming_label(priming), "method": args.method, "lang": lang, "lr": lr, "seed": seed,
-        "dev_f1": scored(dev_f1), "test_f1": scored(test_f1), "best_epoch": None if diverged_in else best_epoch,
-        "diverged_in_epoch": diverged_in, "dev_f1_by_epoch": [round(x, 2) for x in dev_by_epoch],
+        **scores, "diverged_in_epoch": diverged_in, "dev_f1_by_epoch": [round(x, 2) for x in dev_by_epoch],
         "trainable_params": trained, "total_params": total, "trainable_fraction": trained / total,
         "saved_bytes": saved_bytes, "weights": weights, "seconds": round(time.time() - started, 1),
         "device": str(device), "train_sentences": len(language.train.examples), "config": config,
@@ -521,7 +521,7 @@ def train(args, model, trainable, config, language, name):
 
 def tiny(args):
     """The offline stand-ins for mBERT and WikiAnn that the tests and `run.sh smoke` use."""
-    new_or_ours(args.dir)
+    new_or_ours(args.dir, lambda directory: sorted(os.listdir(directory)) == ["data", "model"])  # a tiny DIR
     write_tiny_model(os.path.join(args.dir, "model"))
     write_tiny_data(os.path.join(args.dir, "data"), SOURCE_LANGS + report.TARGET_LANGS)
     print(f"kyg: wrote {args.dir}/model (tiny BERT) and {args.dir}/data (tiny WikiAnn-style data)")

@@ -15,6 +15,7 @@ writes (primed model directories, a priming's resumable state).
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -200,10 +201,10 @@ PRIMING_RECORD, PRIMING_STATE, THETA_A = "priming.json", "priming-state.safetens
 
 
 def save_primed(model, tokenizer, priming, directory):
-    """The directory described above, written whole beside `directory` and then put in its place (which
-    holds at most the resumable state, spent now), so that a primed directory is complete or not there.
-    θp without LoRA's factors, which AutoModel does not know."""
-    tmp = f"{directory}.tmp{os.getpid()}"
+    """The directory described above, written whole beside `directory` and then put in its place, so
+    that a primed directory is complete or not there; what `directory` held, the spent resumable state
+    (holds_priming), goes after. θp without LoRA's factors, which AutoModel does not know."""
+    tmp, spent = f"{directory}.tmp{os.getpid()}", f"{directory}.spent{os.getpid()}"
     try:
         with writing(directory):
             model.encoder.save_pretrained(tmp, state_dict={name: value for name, value in
@@ -214,18 +215,19 @@ def save_primed(model, tokenizer, priming, directory):
             Path(tmp, PRIMING_RECORD).write_text(json.dumps(priming, indent=1), encoding="utf-8")
             for name in os.listdir(tmp):
                 os.chmod(os.path.join(tmp, name), 0o666 & ~UMASK)
-            if os.path.isfile(os.path.join(directory, PRIMING_STATE)):
-                os.remove(os.path.join(directory, PRIMING_STATE))
-            if os.path.isdir(directory):
-                os.rmdir(directory)  # empty now: a priming's --out holds nothing else (kyg.py prime)
+            if os.path.lexists(directory):
+                os.replace(directory, spent)
             os.replace(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(spent, ignore_errors=True)
 
 
 def holds_priming(directory):
-    """Whether `directory` is a priming's: finished, or stopped with its resumable state."""
-    return any(os.path.isfile(os.path.join(directory, name)) for name in (PRIMING_RECORD, PRIMING_STATE))
+    """Whether `directory` is a priming's: finished, or stopped, holding only its resumable state and
+    what a save cut short by a kill leaves beside it (PRIMING_STATE.tmp<pid>)."""
+    names = os.listdir(directory)
+    return PRIMING_RECORD in names or all(re.fullmatch(re.escape(PRIMING_STATE) + r"(\.tmp\d+)?", n) for n in names)
 
 
 def read_priming(directory):

@@ -204,7 +204,7 @@ def same_settings(saved, settings, what):
     """A KygError naming the first setting in which `settings` differ from the `saved` ones (steps None:
     one pass, resolved later, so any number)."""
     if key := first_difference(saved, {k: v for k, v in settings.items() if v is not None or k != "steps"}):
-        name = {"adapter_init": "kyg's adapter init", "precision": "--bf16/--tf32 precision"}.get(
+        name = {"adapter_init": "kyg's adapter init", "precision": "precision"}.get(
             key, f"--{key.replace('_', '-')}")
         raise KygError(f"{what} was made with {name} {saved[key]}, not {settings[key]}; "
                        f"rerun with the same settings, or pass another --out to start afresh")

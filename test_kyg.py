@@ -1242,7 +1242,9 @@ def test_kyg_never_writes_over_a_directory_it_did_not_make(tiny, tmp_path, comma
     assert {p.name: p.read_bytes() for p in user.iterdir()} == before and os.listdir(tmp_path) == ["mbert"]
     (tmp_path / "empty").mkdir()
     kyg.main(args + [str(tmp_path / "empty")])
-    assert len(os.listdir(tmp_path / "empty")) > 1
+    written = sorted(os.listdir(tmp_path / "empty"))
+    kyg.main(args + [str(tmp_path / "empty")])  # what kyg wrote there is its own: a rerun is not refused
+    assert len(written) > 1 and sorted(os.listdir(tmp_path / "empty")) == written
 
 
 def test_the_command_line_needs_no_fcntl():
@@ -1538,15 +1540,36 @@ def test_a_full_disk_is_one_error_line_and_leaves_every_record_whole(tiny, tmp_p
     assert (tmp_path / "m" / M.PRIMING_RECORD).exists()
 
 
-def test_what_kyg_writes_is_as_readable_as_the_users_umask_says(tiny, tmp_path):
-    umask = os.umask(0)
-    os.umask(umask)
-    kyg.main(tiny_priming(tiny, tmp_path / "m", "--method", "meta", "--steps", "1"))
-    kyg.main(["finetune", "--method", "adapter", "--lang", "hi", "--epochs", "1", "--model", tiny["model"],
-              "--data-dir", tiny["data"], "--init", str(tmp_path / "m"), "--out", str(tmp_path / "r")])
+def test_what_kyg_writes_is_as_readable_as_the_users_umask_says(tiny, tmp_path, monkeypatch):
+    umask = 0o027  # neither 0600 (what safetensors writes) nor 0644 (the usual umask's) is right here
+    monkeypatch.setattr(report, "UMASK", umask)
+    monkeypatch.setattr(M, "UMASK", umask)
+    previous = os.umask(umask)
+    try:
+        kyg.main(tiny_priming(tiny, tmp_path / "m", "--method", "meta", "--steps", "1"))
+        kyg.main(["finetune", "--method", "adapter", "--lang", "hi", "--epochs", "1", "--model", tiny["model"],
+                  "--data-dir", tiny["data"], "--init", str(tmp_path / "m"), "--out", str(tmp_path / "r")])
+    finally:
+        os.umask(previous)
     written = [*(tmp_path / "m").iterdir(), *(tmp_path / "r" / "weights").iterdir(), tmp_path / "r" / "results.jsonl"]
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in written}
-    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+    assert set(modes.values()) == {oct(0o640)}, modes
+
+
+def test_a_priming_killed_while_it_saved_its_state_resumes_and_finishes(tiny, tmp_path, monkeypatch):
+    """A kill halfway through a save of the resumable state leaves its temporary file beside the last
+    whole state: a rerun resumes from that state, and what it leaves is the primed directory alone."""
+    args = tiny_priming(tiny, tmp_path / "m", "--method", "meta", "--steps", "2", "--save-every", "1")
+    with monkeypatch.context() as patch:  # stopped after step 1's save
+        patch.setattr(M, "save_primed", lambda *_: sys.exit("stopped"))
+        with pytest.raises(SystemExit, match="stopped"):
+            kyg.main(args)
+    (tmp_path / "m" / f"{M.PRIMING_STATE}.tmp12345").write_bytes(b"half a state")
+    kyg.main(args)
+    primed = sorted(os.listdir(tmp_path / "m"))
+    assert M.read_priming(str(tmp_path / "m"))["steps"] == 2 and M.PRIMING_STATE not in primed, primed
+    beside = sorted(set(os.listdir(tmp_path)) - {"m", "m.lock"})  # no half-written or spent directory
+    assert not [name for name in primed if ".tmp" in name] and not beside, (primed, beside)
 
 
 def test_a_rerun_with_other_settings_is_refused(tiny, tmp_path):

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import torch
 
-from report import write_text
-
 TINY_SYLLABLES = ("ka", "lo", "mi", "ra", "te", "su", "no", "vi", "de", "ba", "go", "pe", ".")
 ENTITY_START = {"PER": "ka", "ORG": "ba", "LOC": "vi"}  # what makes the tiny task learnable
 
@@ -24,8 +22,8 @@ def write_tiny_model(directory, seed=0):
     BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=64)).save_pretrained(directory)
     Path(directory, "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": False}),  # the fast one loads it
-               os.path.join(directory, "tokenizer_config.json"))
+    Path(directory, "tokenizer_config.json").write_text(  # the fast tokenizer loads it
+        json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": False}), encoding="utf-8")
 
 
 def write_tiny_data(directory, languages, sizes=(200, 50, 50), seed=0):
