@@ -15,19 +15,18 @@ import statistics
 import time
 
 import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
 
 import meta
-from data import collate
+from data import Example, collate, encode, load_split
 from model import Tagger, token_loss
 
-MBERT_SHAPE = dict(vocab_size=119547, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                   intermediate_size=3072, max_position_embeddings=512)
+MBERT_SHAPE = dict(vocab_size=119547)  # BERT-base, BertConfig's defaults, with mBERT's vocabulary
 SMALL_SHAPE = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                    intermediate_size=128, max_position_embeddings=128)
 
 
 def encoder_of(args):
-    from transformers import AutoConfig, AutoModel, BertConfig
     config = AutoConfig.from_pretrained(args.model) if args.model else \
         BertConfig(**(SMALL_SHAPE if args.small else MBERT_SHAPE))
     encoder = AutoModel.from_config(config)  # random weights: speed does not depend on them
@@ -38,9 +37,7 @@ def encoder_of(args):
 def sentences(args, vocab_size, count, rng):
     """[Example] * count: real WikiAnn sentences when --data-dir (and --model) are given, else
     random ids and labels, lengths drawn uniformly from 8 to 48 sub-words."""
-    from data import Example, encode, load_split
     if args.data_dir:
-        from transformers import AutoTokenizer
         return encode(load_split("en", "train", args.data_dir, count), AutoTokenizer.from_pretrained(args.model), 128)
     return [Example(torch.randint(5, vocab_size, (n,), generator=rng).tolist(),
                     torch.randint(0, 7, (n,), generator=rng).tolist(), [], [])
@@ -54,20 +51,19 @@ def measure(fn, device, repeats):
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # from before the warm-up: it makes the optimizer's state
-    fn(), done()
-    times = []
-    for _ in range(repeats):
+
+    def seconds():
         start = time.perf_counter()
         fn(), done()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), torch.cuda.max_memory_allocated() if cuda else None
+        return time.perf_counter() - start
+    seconds()  # the warm-up
+    return statistics.median(seconds() for _ in range(repeats)), torch.cuda.max_memory_allocated() if cuda else None
 
 
 def run(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
-    model = Tagger(encoder_of(args), ["en", "es"]).to(device).train()
-    model.bf16 = args.bf16
+    model = Tagger(encoder_of(args), ["en", "es"], bf16=args.bf16).to(device).train()
     rng = torch.Generator().manual_seed(0)
     pool = sentences(args, model.encoder.config.vocab_size, 4 * args.batch_size, rng)
     batches = [{k: v.to(device) for k, v in collate(pool[i:i + args.batch_size], pad_id=0).items()}
@@ -102,8 +98,8 @@ def run(args):
 
 def report(args, device, model, results):
     n_params = sum(p.numel() for p in model.parameters())
-    lines = [f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-                                    f" ({torch.get_num_threads()} threads)"),
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    lines = [f"device {device} ({where})",
              f"encoder {'small' if args.small else args.model or 'mBERT-shaped'}, {n_params / 1e6:.1f}M parameters, "
              f"batch {args.batch_size}, {'real' if args.data_dir else 'random'} sentences, median of {args.repeats}, "
              f"encoder forward in {'bf16' if args.bf16 else 'fp32'}",
@@ -111,19 +107,18 @@ def report(args, device, model, results):
     for name, (seconds, peak) in results.items():
         lines.append(f"{name:12s} {seconds * 1000:9.1f} ms" + (f"   peak {peak / 2**30:6.2f} GiB" if peak else ""))
     t = {name: seconds for name, (seconds, _) in results.items()}
+    peak = {name: p for name, (_, p) in results.items()}
     unit = 2 * (t["forward"] + t["ft step"])
     ratios = [("meta cached ÷ (2 × (forward + ft step))", t["meta cached"] / unit, "≤ 1.3"),
               ("meta full ÷ meta cached", t["meta full"] / t["meta cached"], "≥ 2"),
               ("maml ÷ meta cached", t["maml"] / t["meta cached"], None),
               ("2nd cached ÷ meta cached", t["2nd cached"] / t["meta cached"], "≤ 1.6"),
               ("2nd full ÷ 2nd cached", t["2nd full"] / t["2nd cached"], "≥ 2.5")]
+    if device.type == "cuda":  # peak memory is measured on CUDA only
+        ratios += [("peak memory, meta cached ÷ ft step", peak["meta cached"] / peak["ft step"], "≤ 1.2"),
+                   ("peak memory, maml ÷ ft step", peak["maml"] / peak["ft step"], None)]
     lines += [""] + [f"{name:39s} = {value:.2f}" + (f"   (target {target})" if target else "")
                      for name, value, target in ratios]
-    if device.type == "cuda":
-        peak = {name: p for name, (_, p) in results.items()}
-        lines += [f"peak memory, meta cached ÷ ft step      = {peak['meta cached'] / peak['ft step']:.2f}   "
-                  f"(target ≤ 1.2)",
-                  f"peak memory, maml ÷ ft step             = {peak['maml'] / peak['ft step']:.2f}"]
     return "\n".join(lines)
 
 

@@ -35,8 +35,7 @@ def load_split(lang, split, data_dir=None, max_sentences=None):
     """One WikiAnn split's sentences, from `data_dir` or else the hub; the first `max_sentences` if given."""
     sentences = _read_local(lang, split, data_dir) if data_dir else _read_hub(lang, split)
     if not sentences:
-        raise KygError(f"the {split} split of {lang!r} has no sentences: check the data "
-                       f"({data_dir or HUB_DATASET})")
+        raise KygError(f"the {split} split of {lang!r} has no sentences: check the data ({data_dir or HUB_DATASET})")
     return sentences[:max_sentences] if max_sentences else sentences
 
 

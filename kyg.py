@@ -43,8 +43,8 @@ BOTTLENECK = 64                        # §4.2
 SUPPORT_SIZE, QUERY_SIZE = 32, 32      # sentences in 𝒟tr and 𝒟ts of one task (ours)
 FINETUNE_LR = {"full": 5e-5, "head": 1e-3, "adapter": 1e-3,  # ours; `--lr A B C` tries several
                "lora": 5e-4, "bitfit": 1e-3}                   # Hu et al.'s for a base model; Ben Zaken et al.'s top
-FINETUNE_SCHEDULE = {"full": "linear", "head": "constant", "adapter": "constant",  # chosen on dev for the
-                     "lora": "constant", "bitfit": "constant"}                     # adapter, kept for every PE method
+# full FT decays linearly to 0; the rest keep a constant rate, chosen on dev for the adapter, kept for every PE method
+FINETUNE_SCHEDULE = {method: "linear" if method == "full" else "constant" for method in FINETUNE_LR}
 EPOCHS = 5                             # ours; the epoch is chosen on dev F1
 BATCH_SIZE = 32                        # ours
 MAX_LENGTH = 128                       # sub-words the model sees (ours); scoring uses every word
@@ -191,14 +191,6 @@ def new_or_ours(path, ours=lambda directory: False):
 SAVE_MINUTES = 10  # the resumable state of a priming is saved this often by default
 
 
-def priming_settings(args, device):
-    """The settings that make this priming what it is (report.priming_settings), the defaults resolved.
-    The device is one of them: a priming resumes only where its optimizer and RNG states belong."""
-    return report.priming_settings({**vars(args), "inner_lr": args.inner_lr or INNER_LR.get(args.method),
-                                    "adapter_init": M.ADAPTER_INIT, "device": device.type,
-                                    "precision": "bf16" if args.bf16 else "fp32"})
-
-
 PrimingRun = namedtuple("PrimingRun", "model tokenizer sampler optimizer scheduler settings")
 
 
@@ -211,7 +203,11 @@ def prime(args):
     if args.head_lr and args.method != "ft":
         raise KygError("--head-lr is for --method ft (meta and maml train heads in the inner loop, at α)")
     device = device_of(args)
-    settings = priming_settings(args, device)
+    # What makes this priming what it is, the defaults resolved. The device is one of them: a priming
+    # resumes only where its optimizer and RNG states belong.
+    settings = report.priming_settings({**vars(args), "inner_lr": args.inner_lr or INNER_LR.get(args.method),
+                                        "adapter_init": M.ADAPTER_INIT, "device": device.type,
+                                        "precision": "bf16" if args.bf16 else "fp32"})
     for wait in (False, True):
         with report.lock(os.path.normpath(args.out) + ".lock", wait) as mine:
             if mine:
@@ -241,8 +237,7 @@ def start_priming(args, settings, device):
     its settings with the number of steps resolved."""
     torch.manual_seed(args.seed)  # every device's generator: θa's and θh's init, dropout
     encoder, tokenizer = M.load_encoder(args.model)
-    model = M.Tagger(encoder, args.source, args.pe, args.bottleneck)
-    model.bf16 = args.bf16
+    model = M.Tagger(encoder, args.source, args.pe, args.bottleneck, args.bf16)
     sources = {lang: encode(load_split(lang, "train", args.data_dir, args.max_train), tokenizer, args.max_length)
                for lang in args.source}
     sampler = TaskSampler(sources, args.support_size, args.query_size, args.seed)
@@ -272,27 +267,26 @@ def priming_loop(args, run, history, device):
         print("\nkyg: Ctrl-C: saving after this step (press again to quit without saving)", file=sys.stderr)
 
     previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
-    bar = progress(total=steps, initial=len(history["loss"]), desc=f"prime {args.method}", unit="step")
     try:
-        for loss, support_losses in priming_steps(run.model, task_batches, run.optimizer, run.scheduler, inner):
-            if not math.isfinite(loss):  # before anything is saved: no state, no primed model from a broken θ
-                raise KygError(divergence(args, settings, len(history["loss"]) + 1, loss, support_losses))
-            history["loss"].append(loss)
-            history["support_loss"] += [support_losses] if support_losses else []
-            history["seconds"] = round(time.time() - started, 1)
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            bar.update()
-            step = len(history["loss"])
-            due = step % args.save_every == 0 if args.save_every else time.time() - last_save >= 60 * SAVE_MINUTES
-            if step < steps and (due or stop):  # the state a stopped run resumes from
-                M.save_priming_state(os.path.join(args.out, M.PRIMING_STATE), run.model, run.optimizer,
-                                     run.scheduler, run.sampler, {"settings": settings, "history": history})
-                last_save = time.time()
-                if stop:
-                    sys.exit(f"kyg: stopped after step {step} of {steps}, state saved in {args.out}; "
-                             f"rerun the same command to resume")
+        with progress(total=steps, initial=len(history["loss"]), desc=f"prime {args.method}", unit="step") as bar:
+            for loss, support_losses in priming_steps(run.model, task_batches, run.optimizer, run.scheduler, inner):
+                if not math.isfinite(loss):  # before anything is saved: no state, no primed model from a broken θ
+                    raise KygError(divergence(args, settings, len(history["loss"]) + 1, loss, support_losses))
+                history["loss"].append(loss)
+                history["support_loss"] += [support_losses] if support_losses else []
+                history["seconds"] = round(time.time() - started, 1)
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                bar.update()
+                step = len(history["loss"])
+                due = step % args.save_every == 0 if args.save_every else time.time() - last_save >= 60 * SAVE_MINUTES
+                if step < steps and (due or stop):  # the state a stopped run resumes from
+                    M.save_priming_state(os.path.join(args.out, M.PRIMING_STATE), run.model, run.optimizer,
+                                         run.scheduler, run.sampler, {"settings": settings, "history": history})
+                    last_save = time.time()
+                    if stop:
+                        sys.exit(f"kyg: stopped after step {step} of {steps}, state saved in {args.out}; "
+                                 f"rerun the same command to resume")
     finally:
-        bar.close()
         signal.signal(signal.SIGINT, previous_handler)
     return history
 
@@ -323,7 +317,7 @@ def finish_priming(args, run, history):
 TRAINED = {"full": ("pretrained", "pe", "head"), "head": ("head",)}  # the PE methods: ("pe", "head")
 STORED_FEATURES = ("head", "adapter")  # the methods that leave f(x; θp) alone (Tagger.trunk_is_fixed_by_pretrained)
 Split = namedtuple("Split", "examples features")  # features: f's output on each sentence, [T_i, H], or None
-Language = namedtuple("Language", "encoder tokenizer train dev test")  # what a language's runs share
+Language = namedtuple("Language", "encoder to_device train dev test")  # what a language's runs share
 
 
 def pe_method_of(method, priming):
@@ -374,18 +368,17 @@ def finetune(args):
 
 
 def prepare_language(args, lang, device):
-    """A Language: f (θp, primed with --init) and its tokenizer, loaded once, and the train, dev and
-    test Splits; for the methods that leave f alone, with f's eval-mode output on each sentence
-    (train's not with --live-trunk): exact but for f's dropout."""
+    """A Language: f (θp, primed with --init), loaded once, `to_device` for batches of its tokenizer, and the
+    train, dev and test Splits; for the methods that leave f alone, with f's eval-mode output on each
+    sentence (train's not with --live-trunk): exact but for f's dropout."""
     encoder, tokenizer = M.load_encoder(args.init or args.model)
+    to_device = to_device_fn(tokenizer, device)
     split = lambda name, cap: encode(load_split(lang, name, args.data_dir, cap), tokenizer, args.max_length)
     splits = {"train": split("train", args.max_train), "dev": split("dev", args.max_dev or args.max_eval),
               "test": split("test", args.max_eval)}
     if args.method not in STORED_FEATURES:
-        return Language(encoder, tokenizer, *(Split(examples, None) for examples in splits.values()))
-    trunk = M.Tagger(encoder, [], pe_method=None).to(device).eval()  # f alone
-    trunk.bf16 = args.bf16
-    to_device = to_device_fn(tokenizer, device)
+        return Language(encoder, to_device, *(Split(examples, None) for examples in splits.values()))
+    trunk = M.Tagger(encoder, [], pe_method=None, bf16=args.bf16).to(device).eval()  # f alone
 
     def features(examples):
         stored = [None] * len(examples)
@@ -399,16 +392,15 @@ def prepare_language(args, lang, device):
     stored = [Split(examples, None if name == "train" and args.live_trunk else features(examples))
               for name, examples in splits.items()]
     encoder.to("cpu")  # each run tunes a copy of f, made from here
-    return Language(encoder, tokenizer, *stored)
+    return Language(encoder, to_device, *stored)
 
 
 def tagger(args, priming, encoder, lang):
     """A run's model: θa and θh fresh around a copy of f as loaded (θp), with the primed θa of --init where
     it fits; what loading afresh gives, as loading draws nothing from the RNG (model.load_encoder)."""
-    model = M.Tagger(copy.deepcopy(encoder), [lang], pe_method_of(args.method, priming), args.bottleneck)
+    model = M.Tagger(copy.deepcopy(encoder), [lang], pe_method_of(args.method, priming), args.bottleneck, args.bf16)
     if priming:
         M.load_primed(model, priming, args.init)
-    model.bf16 = args.bf16
     return model
 
 
@@ -442,13 +434,6 @@ def trainable_params(model, method):
     return trainable
 
 
-def fine_tuning_optimizer(params, lr, steps, schedule):
-    """(AdamW at `lr`, its schedule over `steps`: a linear decay to 0, or constant)."""
-    optimizer = torch.optim.AdamW(params, lr=lr, fused=next(iter(params)).is_cuda)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 1 - step / steps if schedule == "linear" else 1.0)
-
-
 def fine_tune(args, priming, config, name, language, device):
     """One run: tune (`train`), score the epoch with the best dev F1 on test, append the record. A run
     whose training loss stopped being finite is recorded as diverged, without an F1 or weights."""
@@ -460,13 +445,12 @@ def fine_tune(args, priming, config, name, language, device):
     trainable = trainable_params(model, args.method)
     trained, total = sum(p.numel() for p in trainable.values()), sum(p.numel() for p in model.parameters())
     print(f"kyg: {args.method} fine-tuning updates {trained:,} of {total:,} parameters ({100 * trained / total:.3g}%)")
-    to_device = to_device_fn(language.tokenizer, device)
     started = time.time()
     dev_by_epoch, (dev_f1, best_epoch, state), diverged_in = train(args, model, trainable, config, language, name)
     scores, weights = {"dev_f1": None, "test_f1": None, "best_epoch": None}, None  # a diverged run's
     if not diverged_in:
         model.load_state_dict(state, strict=False)
-        test_f1 = score(model, lang, language.test, to_device, args.batch_size)
+        test_f1 = score(model, lang, language.test, language.to_device, args.batch_size)
         scores = {"dev_f1": round(dev_f1, 2), "test_f1": round(test_f1, 2), "best_epoch": best_epoch}
         if not args.no_save:
             weights = os.path.join("weights", f"{name}.safetensors")
@@ -490,18 +474,19 @@ def train(args, model, trainable, config, language, name):
     """--epochs of AdamW on the `trainable` parameters, dev F1 after each. Returns (dev F1 by epoch, (the
     best dev F1, its epoch, its trained state), the epoch in which the loss stopped being finite, or None)."""
     lang, device = config["lang"], next(iter(trainable.values())).device
-    to_device = to_device_fn(language.tokenizer, device)
     per_epoch = math.ceil(len(language.train.examples) / args.batch_size)
-    optimizer, scheduler = fine_tuning_optimizer(trainable.values(), config["lr"], args.epochs * per_epoch,
-                                                 config["schedule"])
+    steps = args.epochs * per_epoch
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=config["lr"], fused=device.type == "cuda")
+    linear = config["schedule"] == "linear"  # a linear decay to 0 over the steps, else a constant rate
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps if linear else 1.0)
     rng = random.Random(config["seed"])
     dev_by_epoch, best = [], (-1.0, 0, None)  # (dev F1, epoch, trained state)
-    with progress(total=args.epochs * per_epoch, desc=name, unit="step") as bar:
+    with progress(total=steps, desc=name, unit="step") as bar:
         for epoch in range(1, args.epochs + 1):
             model.train()
             epoch_loss = torch.zeros((), device=device)  # read once an epoch: a read waits for the device
             for chunk in batches(language.train.examples, args.batch_size, rng):
-                loss = M.token_loss(*logits_of(model, lang, language.train, chunk, to_device))
+                loss = M.token_loss(*logits_of(model, lang, language.train, chunk, language.to_device))
                 epoch_loss += loss.detach()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -511,7 +496,7 @@ def train(args, model, trainable, config, language, name):
             mean_loss = epoch_loss.item() / per_epoch
             if not math.isfinite(mean_loss):  # a step's loss was not finite
                 return dev_by_epoch, best, epoch
-            dev_by_epoch.append(score(model, lang, language.dev, to_device, args.batch_size))
+            dev_by_epoch.append(score(model, lang, language.dev, language.to_device, args.batch_size))
             bar.set_postfix(loss=f"{mean_loss:.3f}", dev=f"{dev_by_epoch[-1]:.1f}")
             if dev_by_epoch[-1] > best[0]:
                 state = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}

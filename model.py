@@ -72,12 +72,11 @@ LORA_PROJECTIONS = ("attention.self.query", "attention.self.value", "attention.q
 
 
 class Tagger(nn.Module):
-    bf16 = False  # kyg.py's --bf16: f's forward in bfloat16 (Tagger.encode)
-
-    def __init__(self, encoder, languages, pe_method="adapter", bottleneck=64):
+    def __init__(self, encoder, languages, pe_method="adapter", bottleneck=64, bf16=False):
         super().__init__()
         config = encoder.config
         self.encoder, self.pe_method = encoder, pe_method
+        self.bf16 = bf16  # kyg.py's --bf16: f's forward in bfloat16 (Tagger.encode)
         self.adapter = Adapter(config.hidden_size, bottleneck) if pe_method == "adapter" else nn.Identity()
         # f's own dropout rate, before the head: hidden_dropout_prob in BERT and XLM-R, dropout in DistilBERT
         rate = getattr(config, "hidden_dropout_prob", getattr(config, "dropout", None))
@@ -246,8 +245,7 @@ def read_priming(directory):
         raise KygError(f"{directory} lacks {THETA_A}, the primed θa; delete it and rerun the `kyg.py prime` "
                        f"command that made it")
     try:
-        with open(os.path.join(directory, PRIMING_RECORD), encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(Path(directory, PRIMING_RECORD).read_text(encoding="utf-8"))
     except ValueError as e:
         raise KygError(f"{directory}/{PRIMING_RECORD} is damaged ({e}); delete {directory} and prime again")
 
@@ -280,9 +278,7 @@ def save_priming_state(path, model, optimizer, scheduler, sampler, record):
 
 def restore_priming_state(tensors, record, model, optimizer, scheduler, sampler):
     """Put back what save_priming_state saved (read by load_tensors); returns its record."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(tensors[f"model.{name}"])
+    model.load_state_dict({name: tensors[f"model.{name}"] for name, _ in model.named_parameters()}, strict=False)
     state = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):

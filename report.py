@@ -56,10 +56,6 @@ def write_atomic(path, write):
             os.remove(tmp)
 
 
-def write_text(text, path):
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
 @contextmanager
 def lock(path, wait=True):
     """Hold the lock file `path` (True), or without `wait` yield False if another process holds it."""
@@ -263,10 +259,6 @@ def markdown(header, rows):
     return [line(header), "|---|" + "---|" * (len(header) - 1)] + [line(row) for row in rows]
 
 
-def plural(n, noun):
-    return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
 Cell = namedtuple("Cell", "mean std n devices")  # a table cell: test F1 over the runs of one rate
 
 
@@ -315,17 +307,13 @@ def table(directory):
     if not results:
         raise KygError(f"no results in {directory}/results.jsonl: run `kyg.py finetune --out {directory}` first")
     t = tuned(directory, results)
-    curves = {(r["priming"], p["seed"]): p for r in results if (p := r.get("priming_config") or {}).get("loss_by_step")}
+    primings = {(r["priming"], p["seed"]): p for r in results  # those whose records carry their curves
+                if (p := r.get("priming_config") or {}).get("loss_by_step")}
     matrices = figure4_matrices(t)
-    out = table1(directory, results, t) + chosen_rates(t) + priming_seeds(t) + priming_loss(curves) + figure3(t)
-    out += orderings(t)
-    for name, (primings, methods, matrix) in matrices.items():
-        out += [f"\n## {MATRICES[name][0]}\n"] + markdown(["priming ↓ fine-tuning →", *methods], [
-            [PRIMING_NAMES[p], *(f"{matrix[p, m]:.2f}" if matrix[p, m] is not None else "–" for m in methods)]
-            for p in primings])
-    text = "\n".join(out) + "\n"
-    write_text(text, os.path.join(directory, "table.md"))
-    return text, plot(directory, t, matrices, pictures(curves, t.chosen))
+    out = table1(directory, results, t) + chosen_rates(t) + priming_seeds(t) + figure3(t)
+    text = "\n".join(out + orderings(t) + figure4(matrices)) + "\n"
+    write_atomic(os.path.join(directory, "table.md"), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return text, plot(directory, t, matrices, pictures(primings, t.chosen))
 
 
 def table1(directory, results, t):
@@ -336,20 +324,20 @@ def table1(directory, results, t):
         if not name or not paper and not any(key[:2] == (priming, method) for key in t.runs):
             continue
         cells = {lang: t.cells.get((priming, method, lang)) for lang in t.langs}
-        ours = [cells[l].mean for l in t.langs if cells[l] and (l in paper or not paper)]
-        theirs = [paper[l] for l in t.langs if cells[l] and l in paper]
-        theirs = f"{statistics.mean(theirs):.2f}" if theirs else "–"
-        average = f"{statistics.mean(ours):.2f} / {theirs}" if ours else "–"
-        comparable = sum(lang in paper for lang in t.langs) if paper else len(t.langs)
-        if ours and len(ours) < comparable:  # an average over fewer languages than the other rows'
-            average += f" ({len(ours)} of {comparable} languages)"
+        counted = [l for l in t.langs if l in paper or not paper]  # the paper's languages; all in a row of ours
+        ran = [l for l in counted if cells[l]]
+        theirs = f"{statistics.mean(paper[l] for l in ran):.2f}" if paper and ran else "–"
+        average = f"{statistics.mean(cells[l].mean for l in ran):.2f} / {theirs}" if ran else "–"
+        if ran and len(ran) < len(counted):  # an average over fewer languages than the other rows'
+            average += f" ({len(ran)} of {len(counted)} languages)"
         texts = ["diverged" if (priming, method, l) in t.runs and not cells[l] else shown(cells[l]) for l in t.langs]
         rows.append([name, *(f"{text} / {paper.get(l, '–')}" for text, l in zip(texts, t.langs)), average])
+    runs = "1 run" if len(results) == 1 else f"{len(results)} runs"
     lost = sum(map(diverged, results))
     lost = f"; {lost} diverged (their loss stopped being finite), and their rates are never chosen" if lost else ""
     return ["# Table 1: ours beside the paper's\n",
             "Test F1 (entity-level, micro), mean ± std over seeds (n); the paper's number after the slash.",
-            f"From `{os.path.join(directory, 'results.jsonl')}`, {plural(len(results), 'run')}{lost}.\n",
+            f"From `{os.path.join(directory, 'results.jsonl')}`, {runs}{lost}.\n",
             *markdown(["row", *t.langs, "average"], rows)]
 
 
@@ -359,10 +347,8 @@ def chosen_rates(t):
         return []
     rate = lambda key: "–" if key not in t.runs else f"{t.best_lr[key]:g} ({len(t.runs[key])})" \
         if key in t.best_lr else f"none of {len(t.runs[key])}: all diverged"
-    lost = any(diverged(r) for by_lr in t.runs.values() for records in by_lr.values() for r in records)
-    never = " Never a rate with a run that diverged." if lost else ""
     return ["\n## Learning rate chosen on dev\n", "The rate with the best mean dev F1 over its runs, of the "
-            f"n rates tried: rate (n). The table shows that rate's test F1.{never}\n",
+            "n rates tried: rate (n). The table shows that rate's test F1.\n",
             *markdown(["priming → fine-tuning", *t.langs], [[f"{p} → {m}", *(rate((p, m, l)) for l in t.langs)]
                                                            for p, m in sorted({key[:2] for key in t.runs})])]
 
@@ -370,31 +356,16 @@ def chosen_rates(t):
 def priming_seeds(t):
     """Each priming seed's mean, where a cell pools the runs after several."""
     seed = lambda r: (r.get("priming_config") or {}).get("seed")
-    pooled = [pair for pair in sorted({key[:2] for key in t.runs})
-              if any(len({seed(r) for r in t.chosen[key]}) > 1 for key in t.chosen if key[:2] == pair)]
+    by_seed = {key: {s: [r["test_f1"] for r in records if seed(r) == s] for s in sorted(set(map(seed, records)))}
+               for key, records in t.chosen.items()}
+    pooled = sorted({key[:2] for key, seeds in by_seed.items() if len(seeds) > 1})
     if not pooled:
         return []
-    by_seed = lambda records: {s: [r["test_f1"] for r in records if seed(r) == s]
-                               for s in sorted(set(map(seed, records)))}
     return ["\n## Priming seeds\n", "Test F1 per priming seed p (mean over fine-tuning seeds). The table's "
             "cells pool them, so their std holds the spread of both.\n",
             *markdown(["priming → fine-tuning", *t.langs], [[f"{p} → {m}", *(", ".join(
-                f"p{s}: {statistics.mean(v):.2f}" for s, v in by_seed(t.chosen.get((p, m, l), [])).items()) or "–"
+                f"p{s}: {statistics.mean(v):.2f}" for s, v in by_seed.get((p, m, l), {}).items()) or "–"
                 for l in t.langs)] for p, m in pooled])]
-
-
-def priming_loss(curves):
-    """Each priming's loss over each tenth of its steps (e.g. whether row 5b's heads learn where row 5's
-    barely move), from the primings {(label, seed): record}."""
-    if not curves:
-        return []
-    tenth = lambda loss, i: loss[i * len(loss) // 10:max((i + 1) * len(loss) // 10, i * len(loss) // 10 + 1)]
-    return ["\n## Priming loss\n", "Each priming's loss, averaged over each tenth of its steps: meta and maml, "
-            "the query loss after the inner loop; ft, the loss of the support and query batches, each summed "
-            "over a step's tasks. Then its length in steps and in minutes.\n",
-            *markdown(["priming (seed)", *(f"{10 * i}–{10 * i + 10}%" for i in range(10)), "steps", "min"], [
-                [f"{priming} ({seed})", *(f"{statistics.mean(tenth(p['loss_by_step'], i)):.3f}" for i in range(10)),
-                 len(p["loss_by_step"]), f"{p['seconds'] / 60:.0f}"] for (priming, seed), p in sorted(curves.items())])]
 
 
 def figure3(t):
@@ -433,19 +404,28 @@ def orderings(t):
             *markdown(["claim", *t.langs], claims)]
 
 
+def figure4(matrices):
+    """Figure 4's matrix, and beyond the adapter where it ran, as tables (figure4_matrices)."""
+    out = []
+    for name, (primings, methods, matrix) in matrices.items():
+        out += [f"\n## {MATRICES[name][0]}\n", *markdown(["priming ↓ fine-tuning →", *methods], [
+            [PRIMING_NAMES[p], *(f"{matrix[p, m]:.2f}" if matrix[p, m] is not None else "–" for m in methods)]
+            for p in primings])]
+    return out
+
+
 def figure4_matrices(t):
     """{file: (primings, methods, {(priming, method): average test F1 over every language, or None})} of
     the MATRICES that ran (Figure 4 beyond the adapter only where LoRA or BitFit did), without the rows
     and columns that did not."""
+    def average(priming, method):  # over every language, or None where one did not run
+        means = [c.mean for l in t.langs if (c := t.cells.get((in_column(priming, method), method, l)))]
+        return statistics.mean(means) if len(means) == len(t.langs) else None
     matrices = {}
     for name, (_, primings, methods) in MATRICES.items():
         if name != "figure4" and not any(key[1] in ("lora", "bitfit") for key in t.cells):
             continue
-        matrix = {}
-        for priming in primings:
-            for method in methods:
-                means = [c.mean for l in t.langs if (c := t.cells.get((in_column(priming, method), method, l)))]
-                matrix[priming, method] = statistics.mean(means) if len(means) == len(t.langs) else None
+        matrix = {(p, m): average(p, m) for p in primings for m in methods}
         primings = [p for p in primings if any(matrix[p, m] is not None for m in methods)]
         methods = [m for m in methods if any(matrix[p, m] is not None for p in primings)]
         if methods:
@@ -521,9 +501,8 @@ def heatmap(plt, name, primings, methods, matrix):
     image = ax.imshow(grid, cmap="Greens")
     for i, row in enumerate(grid):
         for j, value in enumerate(row):  # white on the darker half of the colour map
-            dark = value == value and image.norm(value) > 0.5
             ax.text(j, i, f"{value:.2f}" if value == value else "not run", ha="center", va="center",
-                    color="white" if dark else "black")
+                    color="white" if value == value and image.norm(value) > 0.5 else "black")
             if OWN_INNER_LOOP.get(methods[j]) == primings[i] and name == "figure4-pe":  # the diagonal
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2.5, ec="black"))
     ax.set_xticks(range(len(methods)), methods)

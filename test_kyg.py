@@ -1100,23 +1100,6 @@ def test_table_keeps_the_learning_rate_with_the_best_dev_f1_and_pools_priming_se
     assert rows["| meta → adapter"] == ["p1: 71.00, p2: 61.00"]
 
 
-def test_the_table_shows_each_primings_loss_over_its_steps(tmp_path):
-    """Row 5b's control is only a control if its heads learn: the table averages each priming's loss
-    over each tenth of its steps, from the curve every record carries (older ones carry none)."""
-    for priming, seed, curve in (("ft-head0.001", 1, [float(x) for x in range(20, 0, -1)]), ("meta", 2, [3.0]),
-                                 ("ft", 1, None)):
-        report.append_result(str(tmp_path), {"priming": priming, "method": "adapter", "lang": "hi", "seed": 1,
-                                          "test_f1": 50.0, "priming_config": {
-                                              "method": priming.split("-")[0], "source": ["en", "es"], "seed": seed,
-                                              "loss_by_step": curve, "seconds": 120.0}})
-    kyg.main(["table", str(tmp_path)])
-    rows = table_rows(tmp_path)
-    assert rows["| ft-head0.001 (1)"] == ["19.500", "17.500", "15.500", "13.500", "11.500", "9.500", "7.500",
-                                          "5.500", "3.500", "1.500", "20", "2"]
-    assert rows["| meta (2)"] == ["3.000"] * 10 + ["1", "2"]  # one step fills every tenth
-    assert "| ft (1)" not in rows
-
-
 def test_the_pictures_of_priming_at_work_plot_the_records(tiny, tmp_path):
     """Drawn by `table` from a tiny run: each priming's loss at every step, its support loss over
     the S inner steps early and late, and dev F1 by epoch after each priming: the records' numbers."""

@@ -2,7 +2,6 @@
 `python kyg.py tiny DIR`: a tiny random BERT whose words are syllables, and WikiAnn-shaped data in
 which an entity word starts with its type's syllable, so that the task is learnable in seconds.
 """
-import json
 import os
 import random
 from pathlib import Path
@@ -22,8 +21,8 @@ def write_tiny_model(directory, seed=0):
     BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=64)).save_pretrained(directory)
     Path(directory, "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    Path(directory, "tokenizer_config.json").write_text(  # the fast tokenizer loads it
-        json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": False}), encoding="utf-8")
+    # BertTokenizer, which the fast tokenizer loads from vocab.txt
+    Path(directory, "tokenizer_config.json").write_text('{"tokenizer_class": "BertTokenizer", "do_lower_case": false}')
 
 
 def write_tiny_data(directory, languages, sizes=(200, 50, 50), seed=0):
