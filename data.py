@@ -1,7 +1,7 @@
 """WikiAnn for kyg: reading, tokenising, batching, priming tasks, and entity-level F1.
 
 The sentences come from the hub (`datasets.load_dataset("unimelb-nlp/wikiann", lang)`, the
-default) or a local directory `{lang}/{train,dev,test}.tsv[.gz]`, CoNLL style (`token<TAB>tag`, a
+default) or a local directory `{lang}/{train,dev,test}.tsv`, CoNLL style (`token<TAB>tag`, a
 blank line between sentences); the examples are the same. Then, for model.py, meta.py, kyg.py:
   encode()      words -> sub-word ids; the gold tag sits on each word's first sub-word, -100 elsewhere
   batches()     dynamic padding, length-bucketed: {input_ids, attention_mask, labels} [B, T]
@@ -9,10 +9,8 @@ blank line between sentences); the examples are the same. Then, for model.py, me
   word_tags()   predicted label ids of sub-words back to one tag per gold word (unseen words are `O`)
   f1()          entity-level micro F1 (seqeval, IOB2)
 """
-import gzip
 import os
 import random
-import zlib
 from collections import namedtuple
 from dataclasses import dataclass
 
@@ -44,26 +42,18 @@ def _read_local(lang, split, data_dir):
     if not os.path.isdir(lang_dir):
         known = sorted(d for d in os.listdir(data_dir)
                        if os.path.isdir(os.path.join(data_dir, d))) if os.path.isdir(data_dir) else []
-        if not known:
-            raise KygError(f"data directory {data_dir!r} has no language folders: "
-                           f"lay it out as {{lang}}/{{train,dev,test}}.tsv")
-        raise KygError(f"unknown language {lang!r}: {data_dir} has {', '.join(known)}")
-    for name in (f"{split}.tsv", f"{split}.tsv.gz"):
-        path = os.path.join(lang_dir, name)
-        if os.path.isfile(path):
-            return read_conll(path)
-    raise KygError(f"missing file {os.path.join(lang_dir, split + '.tsv')} (or .tsv.gz): "
-                   f"every language needs train, dev and test")
+        raise KygError(f"unknown language {lang!r}: {data_dir} has " + (", ".join(known) or
+                       "no language folders; lay it out as {lang}/{train,dev,test}.tsv"))
+    path = os.path.join(lang_dir, f"{split}.tsv")
+    if not os.path.isfile(path):
+        raise KygError(f"missing file {path}: every language needs train, dev and test")
+    return read_conll(path)
 
 
 def read_conll(path):
     """`token<TAB>tag` lines, blank line between sentences, UTF-8 -> [Sentence]."""
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            raws = [*f, b""]  # a blank line after the last closes the last sentence
-    except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # an interrupted download, say
-        raise KygError(f"{path} is cut short or damaged ({e}); download or copy it again")
+    with open(path, "rb") as f:
+        raws = [*f, b""]  # a blank line after the last closes the last sentence
     sentences, words, tags = [], [], []
     for line_no, raw in enumerate(raws, 1):
         try:

@@ -16,7 +16,6 @@ import math
 import os
 import random
 import signal
-import statistics
 import sys
 import time
 from collections import namedtuple
@@ -88,7 +87,7 @@ def parser():
         q.add_argument("--model", default=MODEL, help=f"hub name or local directory (default {MODEL})")
         # --data-dir in one spelling (no trailing slash, no ./): a run's key holds it (run_config)
         q.add_argument("--data-dir", type=os.path.normpath,
-                       help="local WikiAnn, {lang}/{train,dev,test}.tsv[.gz] (default: the hub)")
+                       help="local WikiAnn, {lang}/{train,dev,test}.tsv (default: the hub)")
         q.add_argument("--device", help="default: cuda when present, else cpu")
         q.add_argument("--bf16", action="store_true", help="run the encoder's forward under bfloat16 autocast "
                        "(losses, optimizer and stored features stay fp32); off: the paper's numbers are fp32")
@@ -306,10 +305,8 @@ def finish_priming(args, run, history):
     priming = {**run.settings, "seconds": history["seconds"], "loss_by_step": [round(x, 4) for x in losses],
                "support_loss_by_step": curves and [[round(x, 3) for x in c] for c in curves]}
     M.save_primed(run.model, run.tokenizer, priming, args.out)
-    curve = curves and [round(statistics.mean(step), 4) for step in zip(*curves)]
-    inner_curve = f", support loss over the inner steps {' > '.join(f'{x:.3f}' for x in curve)}" if curve else ""
     print(f"kyg: primed ({priming_label(priming)}, {len(losses)} steps, {priming['seconds']} s, query loss "
-          f"{losses[0]:.3f} -> {losses[-1]:.3f}{inner_curve}) -> {args.out}")
+          f"{losses[0]:.3f} -> {losses[-1]:.3f}) -> {args.out}")
 
 
 # ----------------------------------------------------------------------------- finetune
@@ -426,14 +423,6 @@ def score(model, lang, split, to_device, batch_size):
     return f1(gold, predicted)
 
 
-def trainable_params(model, method):
-    """{name: parameter} of what `method` tunes, left the only parameters that require gradients."""
-    trainable = M.named_params(model.requires_grad_(False), *TRAINED.get(method, ("pe", "head")))
-    for p in trainable.values():
-        p.requires_grad_()
-    return trainable
-
-
 def fine_tune(args, priming, config, name, language, device):
     """One run: tune (`train`), score the epoch with the best dev F1 on test, append the record. A run
     whose training loss stopped being finite is recorded as diverged, without an F1 or weights."""
@@ -442,7 +431,9 @@ def fine_tune(args, priming, config, name, language, device):
     model = tagger(args, priming, language.encoder, lang)
     for part in [model] if language.train.features is None else [model.adapter, model.heads]:  # f runs, or not
         part.to(device)
-    trainable = trainable_params(model, args.method)
+    trainable = M.named_params(model.requires_grad_(False), *TRAINED.get(args.method, ("pe", "head")))
+    for p in trainable.values():  # what the method tunes, left the only parameters that require gradients
+        p.requires_grad_()
     trained, total = sum(p.numel() for p in trainable.values()), sum(p.numel() for p in model.parameters())
     print(f"kyg: {args.method} fine-tuning updates {trained:,} of {total:,} parameters ({100 * trained / total:.3g}%)")
     started = time.time()

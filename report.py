@@ -59,9 +59,8 @@ def write_atomic(path, write):
 @contextmanager
 def lock(path, wait=True):
     """Hold the lock file `path` (True), or without `wait` yield False if another process holds it."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
-        with FileLock(path, timeout=-1 if wait else 0):
+        with FileLock(path, timeout=-1 if wait else 0):  # filelock makes the lock's directory
             yield True
     except Timeout:
         yield False
@@ -89,8 +88,6 @@ def read_results(directory):
         with lock(f"{path}.lock") if os.access(directory, os.W_OK) else nullcontext():
             lines = Path(path).read_text(encoding="utf-8").splitlines()
     for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
         try:
             record = json.loads(line)
         except ValueError as e:
@@ -307,7 +304,9 @@ def table(directory):
     if not results:
         raise KygError(f"no results in {directory}/results.jsonl: run `kyg.py finetune --out {directory}` first")
     t = tuned(directory, results)
-    primings = {(r["priming"], p["seed"]): p for r in results  # those whose records carry their curves
+    # Of the primings whose records carry their curves, each label and seed's first: the row's own, not a
+    # priming made again later with the same settings (another kyg's, say, whose curve differs).
+    primings = {(r["priming"], p["seed"]): p for r in reversed(results)
                 if (p := r.get("priming_config") or {}).get("loss_by_step")}
     matrices = figure4_matrices(t)
     out = table1(directory, results, t) + chosen_rates(t) + priming_seeds(t) + figure3(t)
