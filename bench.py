@@ -26,14 +26,6 @@ SMALL_SHAPE = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_att
                    intermediate_size=128, max_position_embeddings=128)
 
 
-def encoder_of(args):
-    config = AutoConfig.from_pretrained(args.model) if args.model else \
-        BertConfig(**(SMALL_SHAPE if args.small else MBERT_SHAPE))
-    encoder = AutoModel.from_config(config)  # random weights: speed does not depend on them
-    encoder.pooler = None
-    return encoder
-
-
 def sentences(args, vocab_size, count, rng):
     """[Example] * count: real WikiAnn sentences when --data-dir (and --model) are given, else
     random ids and labels, lengths drawn uniformly from 8 to 48 sub-words."""
@@ -63,7 +55,11 @@ def measure(fn, device, repeats):
 def run(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
-    model = Tagger(encoder_of(args), ["en", "es"], bf16=args.bf16).to(device).train()
+    config = AutoConfig.from_pretrained(args.model) if args.model else \
+        BertConfig(**(SMALL_SHAPE if args.small else MBERT_SHAPE))
+    encoder = AutoModel.from_config(config)  # random weights: speed does not depend on them
+    encoder.pooler = None
+    model = Tagger(encoder, ["en", "es"], bf16=args.bf16).to(device).train()
     rng = torch.Generator().manual_seed(0)
     pool = sentences(args, model.encoder.config.vocab_size, 4 * args.batch_size, rng)
     batches = [{k: v.to(device) for k, v in collate(pool[i:i + args.batch_size], pad_id=0).items()}
@@ -87,16 +83,16 @@ def run(args):
     cases = {"ft step": ft_step, "forward": forward, "meta cached": step("meta", True, 0.03),
              "meta full": step("meta", False, 0.03), "maml": step("maml", False, 1e-4),
              "2nd cached": step("meta", True, 0.03, True), "2nd full": step("meta", False, 0.03, True)}
-    results = {}
+    seconds, peaks = {}, {}  # each case's median time and its peak memory (CUDA only, else None)
     for name, fn in cases.items():
-        results[name] = measure(fn, device, args.repeats)
+        seconds[name], peaks[name] = measure(fn, device, args.repeats)
         for optimizer in (everything, meta_opt):  # no case's memory holds another's gradients or AdamW state
             optimizer.zero_grad(set_to_none=True)
             optimizer.state.clear()
-    return device, model, results
+    return device, model, seconds, peaks
 
 
-def report(args, device, model, results):
+def report(args, device, model, t, peak):
     n_params = sum(p.numel() for p in model.parameters())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     lines = [f"device {device} ({where})",
@@ -104,10 +100,8 @@ def report(args, device, model, results):
              f"batch {args.batch_size}, {'real' if args.data_dir else 'random'} sentences, median of {args.repeats}, "
              f"encoder forward in {'bf16' if args.bf16 else 'fp32'}",
              ""]
-    for name, (seconds, peak) in results.items():
-        lines.append(f"{name:12s} {seconds * 1000:9.1f} ms" + (f"   peak {peak / 2**30:6.2f} GiB" if peak else ""))
-    t = {name: seconds for name, (seconds, _) in results.items()}
-    peak = {name: p for name, (_, p) in results.items()}
+    for name, memory in peak.items():
+        lines.append(f"{name:12s} {t[name] * 1000:9.1f} ms" + (f"   peak {memory / 2**30:6.2f} GiB" if memory else ""))
     unit = 2 * (t["forward"] + t["ft step"])
     ratios = [("meta cached ÷ (2 × (forward + ft step))", t["meta cached"] / unit, "≤ 1.3"),
               ("meta full ÷ meta cached", t["meta full"] / t["meta cached"], "≥ 2"),

@@ -12,7 +12,6 @@ blank line between sentences); the examples are the same. Then, for model.py, me
 import os
 import random
 from collections import namedtuple
-from dataclasses import dataclass
 
 import torch
 
@@ -94,12 +93,11 @@ def _read_hub(lang, split):
 
 # ----------------------------------------------------------------------------- tokenising
 
-@dataclass
-class Example:
-    input_ids: list       # [int] * T, T <= max_length, special tokens included
-    labels: list          # [int] * T: the word's tag on its first sub-word, -100 elsewhere
-    word_positions: list  # [int] * n_words: index of the word's first sub-word, -1 if the model never sees it
-    tags: list            # [int] * n_words: the gold tags of every word, for scoring
+# input_ids       [int] * T, T <= max_length, special tokens included
+# labels          [int] * T: the word's tag on its first sub-word, -100 elsewhere
+# word_positions  [int] * n_words: index of the word's first sub-word, -1 if the model never sees it
+# tags            [int] * n_words: the gold tags of every word, for scoring
+Example = namedtuple("Example", "input_ids labels word_positions tags")
 
 
 def encode(sentences, tokenizer, max_length):
@@ -128,7 +126,8 @@ def collate(examples, pad_id):
     """[Example] -> {input_ids, attention_mask, labels}: LongTensors [B, T], T = longest in the batch."""
     width = max(len(e.input_ids) for e in examples)
     pad = lambda rows, value: torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
-    return {"input_ids": pad([e.input_ids for e in examples], pad_id),
+    # pad_id None: a tokenizer without a pad token, whose padding the attention mask hides anyway
+    return {"input_ids": pad([e.input_ids for e in examples], 0 if pad_id is None else pad_id),
             "attention_mask": pad([[1] * len(e.input_ids) for e in examples], 0),
             "labels": pad([e.labels for e in examples], -100)}
 
@@ -168,12 +167,11 @@ class TaskSampler:
         self.queue = {lang: [] for lang in examples_by_lang}
 
     def state_dict(self):
-        """Where the sampler stands (its RNG and what is left of each language's pass), as JSON."""
-        version, internal, gauss = self.rng.getstate()
-        return {"rng": [version, list(internal), gauss], "queue": self.queue}
+        """Where the sampler stands (its RNG and what is left of each language's pass), for JSON."""
+        return {"rng": self.rng.getstate(), "queue": self.queue}
 
     def load_state_dict(self, state):
-        version, internal, gauss = state["rng"]
+        version, internal, gauss = state["rng"]  # JSON made the RNG state's tuples lists
         self.rng.setstate((version, tuple(internal), gauss))
         self.queue = state["queue"]
 

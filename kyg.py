@@ -22,7 +22,6 @@ from collections import namedtuple
 from types import SimpleNamespace
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 import model as M
@@ -163,9 +162,8 @@ def device_of(args):
 
 def to_device_fn(tokenizer, device):
     """[Example] -> {input_ids, attention_mask, labels} [B, T] on `device`, or only the tensors `keys`."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return lambda examples, keys=("input_ids", "attention_mask", "labels"): {
-        k: v.to(device, non_blocking=True) for k, v in collate(examples, pad_id).items() if k in keys}
+        k: v.to(device, non_blocking=True) for k, v in collate(examples, tokenizer.pad_token_id).items() if k in keys}
 
 
 def progress(**kwargs):
@@ -407,7 +405,7 @@ def logits_of(model, lang, split, chunk, to_device):
     if split.features is None:
         batch = to_device(examples)
         return model(lang, batch["input_ids"], batch["attention_mask"]), batch["labels"]
-    hidden = pad_sequence([split.features[i] for i in chunk], batch_first=True)
+    hidden = torch.nn.utils.rnn.pad_sequence([split.features[i] for i in chunk], batch_first=True)
     return model(lang, hidden=hidden), to_device(examples, ("labels",))["labels"]
 
 

@@ -29,7 +29,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import group_of, named_params, token_loss
@@ -54,7 +53,7 @@ class InnerLoop:
 def task_loss(model, params, batch, lang, hidden=None):
     """L(f_θ, batch): the model run with `params` in place of its own tensors of those names."""
     inputs = {"hidden": hidden} if hidden is not None else {k: batch[k] for k in ("input_ids", "attention_mask")}
-    return token_loss(functional_call(model, params, (lang,), inputs), batch["labels"])
+    return token_loss(torch.func.functional_call(model, params, (lang,), inputs), batch["labels"])
 
 
 def inner_loop_copies(model, lang, variant):
@@ -137,10 +136,8 @@ def meta_step(model, optimizer, scheduler, tasks, inner):
         del fast  # before the next task's adapt(): the MAML loop holds one copy of θp at a time
     optimizer.step()  # Alg. 1, line 14: θp, θa ← AdamW step on the summed meta-gradient
     scheduler.step()
-    with torch.no_grad():  # Alg. 1, line 15, once every task has adapted from θh itself
-        for head in first_heads.values():
-            for name, value in head.items():
-                model.get_parameter(name).copy_(value)
+    # Alg. 1, line 15, once every task has adapted from θh itself
+    model.load_state_dict({name: value for head in first_heads.values() for name, value in head.items()}, strict=False)
     return torch.stack(query_losses).sum().item(), torch.stack(support_curves).mean(0).tolist()
 
 

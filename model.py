@@ -13,14 +13,12 @@ loop's copies; kyg.py fine-tunes it. Also here: loading, with clear errors; the 
 writes (primed model directories, a priming's resumable state).
 """
 import json
-import math
 import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -44,7 +42,7 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x):
-        return x + self.up(F.relu(self.down(x)))
+        return x + self.up(nn.functional.relu(self.down(x)))
 
 
 class LoRALinear(nn.Linear):
@@ -55,7 +53,7 @@ class LoRALinear(nn.Linear):
     def convert(cls, linear, rank=8, alpha=16):
         linear.__class__ = cls  # in place: the encoder's module tree and parameter names stay as they are
         linear.lora_a = nn.Parameter(torch.empty(rank, linear.in_features))
-        nn.init.kaiming_uniform_(linear.lora_a, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(linear.lora_a, a=5 ** 0.5)  # as nn.Linear initialises its weight
         linear.lora_b = nn.Parameter(torch.zeros(linear.out_features, rank))
         linear.lora_scale = alpha / rank
 
@@ -136,7 +134,7 @@ def named_params(model, *groups, lang=None):
 
 def token_loss(logits, labels):
     """Mean cross-entropy over the labelled sub-words (first of each word).  [B, T, C], [B, T] -> []"""
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -145,8 +143,7 @@ def load_encoder(model_name):
     """(f, tokenizer) for a hub name or a local directory. Loading draws nothing from torch's global
     RNG (weights the checkpoint lacks, such as an unused pooler, start from a forked one), so that a
     copy of f kept in memory starts a run exactly as f loaded afresh would (kyg.py loads it once)."""
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoModel, AutoTokenizer, logging as hf_logging
     hf_logging.set_verbosity_error()  # the unused pooler's "newly initialised" warning is noise here
     hf_logging.disable_progress_bar()
     local = os.path.isdir(model_name)

@@ -52,8 +52,7 @@ def write_atomic(path, write):
             os.chmod(tmp, 0o666 & ~UMASK)
             os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        Path(tmp).unlink(missing_ok=True)
 
 
 @contextmanager
@@ -197,8 +196,7 @@ def same_settings(saved, settings, what):
     """A KygError naming the first setting in which `settings` differ from the `saved` ones (steps None:
     one pass, resolved later, so any number)."""
     if key := first_difference(saved, {k: v for k, v in settings.items() if v is not None or k != "steps"}):
-        name = {"adapter_init": "kyg's adapter init", "precision": "precision"}.get(
-            key, f"--{key.replace('_', '-')}")
+        name = {"adapter_init": "kyg's adapter init", "precision": "precision"}.get(key, f"--{key.replace('_', '-')}")
         raise KygError(f"{what} was made with {name} {saved[key]}, not {settings[key]}; "
                        f"rerun with the same settings, or pass another --out to start afresh")
 
@@ -414,9 +412,8 @@ def figure4(matrices):
 
 
 def figure4_matrices(t):
-    """{file: (primings, methods, {(priming, method): average test F1 over every language, or None})} of
-    the MATRICES that ran (Figure 4 beyond the adapter only where LoRA or BitFit did), without the rows
-    and columns that did not."""
+    """{file: (primings, methods, {(priming, method): average test F1 over every language, or None})} of the MATRICES
+    that ran (Figure 4 beyond the adapter only where LoRA or BitFit did), without the rows and columns that did not."""
     def average(priming, method):  # over every language, or None where one did not run
         means = [c.mean for l in t.langs if (c := t.cells.get((in_column(priming, method), method, l)))]
         return statistics.mean(means) if len(means) == len(t.langs) else None

@@ -2,7 +2,6 @@
 `python kyg.py tiny DIR`: a tiny random BERT whose words are syllables, and WikiAnn-shaped data in
 which an entity word starts with its type's syllable, so that the task is learnable in seconds.
 """
-import os
 import random
 from pathlib import Path
 
@@ -40,5 +39,5 @@ def write_tiny_data(directory, languages, sizes=(200, 50, 50), seed=0):
                     lines += [f"{word(rng.choice(others))}\tO"] if kind == "O" else [
                         f"{word(ENTITY_START[kind])}\t{'BI'[i > 0]}-{kind}" for i in range(rng.randint(1, 2))]
                 lines.append(".\tO\n")
-            os.makedirs(os.path.join(directory, lang), exist_ok=True)
+            Path(directory, lang).mkdir(parents=True, exist_ok=True)
             Path(directory, lang, f"{split}.tsv").write_text("\n".join(lines), encoding="utf-8")
