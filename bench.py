@@ -83,13 +83,13 @@ def run(args):
     cases = {"ft step": ft_step, "forward": forward, "meta cached": step("meta", True, 0.03),
              "meta full": step("meta", False, 0.03), "maml": step("maml", False, 1e-4),
              "2nd cached": step("meta", True, 0.03, True), "2nd full": step("meta", False, 0.03, True)}
-    seconds, peaks = {}, {}  # each case's median time and its peak memory (CUDA only, else None)
+    t, peak = {}, {}  # each case's median time and its peak memory (CUDA only, else None)
     for name, fn in cases.items():
-        seconds[name], peaks[name] = measure(fn, device, args.repeats)
+        t[name], peak[name] = measure(fn, device, args.repeats)
         for optimizer in (everything, meta_opt):  # no case's memory holds another's gradients or AdamW state
             optimizer.zero_grad(set_to_none=True)
             optimizer.state.clear()
-    return device, model, seconds, peaks
+    return device, model, t, peak
 
 
 def report(args, device, model, t, peak):
@@ -100,7 +100,7 @@ def report(args, device, model, t, peak):
              f"batch {args.batch_size}, {'real' if args.data_dir else 'random'} sentences, median of {args.repeats}, "
              f"encoder forward in {'bf16' if args.bf16 else 'fp32'}",
              ""]
-    for name, memory in peak.items():
+    for name, memory in peak.items():  # each case: its time, and its peak memory where measured (CUDA)
         lines.append(f"{name:12s} {t[name] * 1000:9.1f} ms" + (f"   peak {memory / 2**30:6.2f} GiB" if memory else ""))
     unit = 2 * (t["forward"] + t["ft step"])
     ratios = [("meta cached ÷ (2 × (forward + ft step))", t["meta cached"] / unit, "≤ 1.3"),

@@ -41,8 +41,8 @@ def _read_local(lang, split, data_dir):
     if not os.path.isdir(lang_dir):
         known = sorted(d for d in os.listdir(data_dir)
                        if os.path.isdir(os.path.join(data_dir, d))) if os.path.isdir(data_dir) else []
-        raise KygError(f"unknown language {lang!r}: {data_dir} has " + (", ".join(known) or
-                       "no language folders; lay it out as {lang}/{train,dev,test}.tsv"))
+        raise KygError(f"unknown language {lang!r}: {data_dir} has {', '.join(known)}" if known else
+                       f"data directory {data_dir!r} has no language folders: lay out {{lang}}/{{train,dev,test}}.tsv")
     path = os.path.join(lang_dir, f"{split}.tsv")
     if not os.path.isfile(path):
         raise KygError(f"missing file {path}: every language needs train, dev and test")
