@@ -136,7 +136,7 @@ def meta_step(model, optimizer, scheduler, tasks, inner):
         del fast  # before the next task's adapt(): the MAML loop holds one copy of θp at a time
     optimizer.step()  # Alg. 1, line 14: θp, θa ← AdamW step on the summed meta-gradient
     scheduler.step()
-    # Alg. 1, line 15, once every task has adapted from θh itself
+    # Alg. 1, line 15: θh = θh^1, set once every task has adapted from θh itself
     model.load_state_dict({name: value for head in first_heads.values() for name, value in head.items()}, strict=False)
     return torch.stack(query_losses).sum().item(), torch.stack(support_curves).mean(0).tolist()
 
