@@ -61,7 +61,8 @@ case "${1:-}" in
     "") OUT=${KYG_OUT:-runs/paper} ;;
     smoke)
         OUT=${KYG_OUT:-runs/smoke}
-        [[ -d $OUT/tiny ]] || { python kyg.py tiny "$OUT/tiny.$$" && mv "$OUT/tiny.$$" "$OUT/tiny"; }  # whole, or not there
+        # whole, or not there
+        [[ -d $OUT/tiny ]] || { python kyg.py tiny "$OUT/tiny.$$" && mv "$OUT/tiny.$$" "$OUT/tiny"; }
         KYG_MODEL=$OUT/tiny/model KYG_DATA_DIR=$OUT/tiny/data KYG_SEEDS=${KYG_SEEDS:-1 2} KYG_LANGS=${KYG_LANGS:-hi af}
         KYG_PRIME_STEPS=8 KYG_EPOCHS=2 KYG_PRIME_SEEDS=${KYG_PRIME_SEEDS:-1 2} KYG_LRS=${KYG_LRS:-1e-2}
         KYG_ROWS=${KYG_ROWS:-$ALL_ROWS meta-lora:lora meta-bitfit:bitfit meta-lora:adapter}
@@ -77,7 +78,8 @@ case "${1:-}" in
     pe-methods)
         OUT=${KYG_OUT:-results/pe-methods} KYG_LANGS=${KYG_LANGS:-hi af nl} KYG_MAX_TRAIN=${KYG_MAX_TRAIN:-300}
         KYG_MAX_EVAL=${KYG_MAX_EVAL:-300} KYG_PRIME_STEPS=${KYG_PRIME_STEPS:-40} KYG_EPOCHS=${KYG_EPOCHS:-10}
-        KYG_ROWS=${KYG_ROWS:-$(for p in meta meta-lora meta-bitfit; do for m in adapter lora bitfit; do echo $p:$m; done; done)
+        KYG_ROWS=${KYG_ROWS:-$(for p in meta meta-lora meta-bitfit; do
+                                   for m in adapter lora bitfit; do echo $p:$m; done; done)
                               none:adapter none:lora none:bitfit ft:adapter ft-lora:lora ft-bitfit:bitfit} ;;
     demo)
         OUT=${KYG_OUT:-results/demo} KYG_MODEL=${KYG_MODEL:-intfloat/multilingual-e5-small} KYG_ROWS=${KYG_ROWS:-3 4 5}
@@ -148,7 +150,9 @@ done
 python kyg.py table "$OUT"
 if [[ "${1:-}" == demo ]]; then
     grep -E "^\| (row|3/AT|4/Meta Priming → AT|5/FT Priming → AT|4 > 3|4 > 5) \|" "$OUT/table.md"
-    echo "run.sh demo: done in $((SECONDS / 60)) min $((SECONDS % 60)) s; the pictures of priming at work are $OUT/*.png"
+    echo "run.sh demo: done in $((SECONDS / 60)) min $((SECONDS % 60)) s;" \
+         "the pictures of priming at work are $OUT/*.png"
 fi
-[[ "${1:-}" == smoke ]] && echo "run.sh smoke: the pipeline ran end to end; its numbers come from a tiny random model and mean nothing."
+[[ "${1:-}" == smoke ]] && echo "run.sh smoke: the pipeline ran end to end;" \
+                                "its numbers come from a tiny random model and mean nothing."
 exit 0
