@@ -303,8 +303,8 @@ def finish_priming(args, run, history):
     priming = {**run.settings, "seconds": history["seconds"], "loss_by_step": [round(x, 4) for x in losses],
                "support_loss_by_step": curves and [[round(x, 3) for x in c] for c in curves]}
     M.save_primed(run.model, run.tokenizer, priming, args.out)
-    print(f"kyg: primed ({priming_label(priming)}, {len(losses)} steps, {priming['seconds']} s, query loss "
-          f"{losses[0]:.3f} -> {losses[-1]:.3f}) -> {args.out}")
+    print(f"kyg: primed ({priming_label(priming)}, {len(losses)} steps, {priming['seconds']} s, "
+          f"{'training' if args.method == 'ft' else 'query'} loss {losses[0]:.3f} -> {losses[-1]:.3f}) -> {args.out}")
 
 
 # ----------------------------------------------------------------------------- finetune

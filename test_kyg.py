@@ -1192,6 +1192,9 @@ def test_every_table1_row_runs_from_the_command_line_and_writes_a_result(tiny, t
         kyg.main(["prime", "--method", label.split("-")[0], "--source", "en", "es", "--steps", "3",
                   "--support-size", "8", "--query-size", "8", "--out", str(tmp_path / label),
                   *extra, *common])
+    said = {line.split()[2].strip("(,"): line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("kyg: primed (")}  # FT priming's loss is on its training batches: no query set
+    assert " training loss " in said["ft"] and all(" query loss " in said[m] for m in ("meta", "maml", "meta-S1")), said
     out = str(tmp_path / "results")
     table1 = [report.ROWS[row][:2] for row in report.PAPER_TABLE1]
     for priming, method in table1:
