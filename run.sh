@@ -9,7 +9,7 @@
 #                            language, 40 priming steps, 300 dev and test sentences, 20 epochs
 #                            (results/small: rows 2-7 and 5b, five rates, two priming seeds)
 #   bash run.sh paper-scale  the paper's data: every sentence, one priming pass (312 steps), dev
-#                            capped at 1,000 (results/paper-scale: small's rows, then row 1)
+#                            capped at 1,000 (results/paper-scale: small's rows, then row 1 and Figure 3)
 #   bash run.sh pe-methods   Algorithm 1 beyond the adapter: priming with the inner loop of each of
 #                            adapter, LoRA and BitFit x tuning with each, and none/FT priming before
 #                            LoRA and BitFit (results/pe-methods: hi af nl, 300 training sentences)
@@ -73,7 +73,7 @@ case "${1:-}" in
         KYG_MAX_TRAIN=${KYG_MAX_TRAIN:-1000} KYG_MAX_EVAL=${KYG_MAX_EVAL:-300} KYG_PRIME_STEPS=${KYG_PRIME_STEPS:-40}
         KYG_EPOCHS=${KYG_EPOCHS:-20} KYG_LRS=${KYG_LRS:-$RATES} KYG_PRIME_SEEDS=${KYG_PRIME_SEEDS:-1 2} ;;
     paper-scale)
-        OUT=${KYG_OUT:-results/paper-scale} KYG_ROWS=${KYG_ROWS:-2 3 4 5 5b 7 6 1}
+        OUT=${KYG_OUT:-results/paper-scale} KYG_ROWS=${KYG_ROWS:-2 3 4 5 5b 7 6 1 fig3-meta fig3-maml}
         KYG_MAX_DEV=${KYG_MAX_DEV:-1000} KYG_LRS=${KYG_LRS:-$RATES} KYG_PRIME_SEEDS=${KYG_PRIME_SEEDS:-1 2} ;;
     pe-methods)
         OUT=${KYG_OUT:-results/pe-methods} KYG_LANGS=${KYG_LANGS:-hi af nl} KYG_MAX_TRAIN=${KYG_MAX_TRAIN:-300}
