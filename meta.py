@@ -101,7 +101,7 @@ def adapt(model, support, lang, inner):
 
 def add_meta_gradient(model, fast, query, lang, inner):
     """Alg. 1, line 14 for one task: the gradient of the query loss at θ^i, L(f_θ^i, 𝒟ts), added
-    into the .grad of θp and θa, where line 14's Σ over the tasks accumulates. Returns the loss."""
+    into the .grad of θp and θa, where line 14's Σ over the tasks accumulates. Returns the loss, 0-d."""
     # ✂ exercise 6: Alg. 1, line 14: the query loss at θ^i, its gradient added into the .grad of θp and θa
     loss = task_loss(model, fast, query, lang)
     loss.backward()

@@ -414,6 +414,33 @@ def test_a_pass_over_the_source_data_draws_each_sentence_once():
             f"{lang}: {len(ids)} drawn, {len(set(ids))} of them different, in {sampler.steps_per_pass()} tasks of 12"
 
 
+@pytest.mark.exercise3
+def test_no_task_holds_a_sentence_twice_even_where_a_pass_ends():
+    """80 sentences, tasks of 12: each pass leaves 8 unused, so tasks are drawn across ends of passes
+    (catches the next pass appended to the last one's leftovers, which can draw a sentence twice)."""
+    sampler = D.TaskSampler(eighty_examples_each(["en", "es"]), 8, 4, seed=0)
+    for step in range(10 * sampler.steps_per_pass()):
+        for lang, support, query in sampler.sample():
+            ids = [id(e) for e in support + query]
+            assert len(set(ids)) == len(ids) == 12, f"step {step}, {lang}: {len(ids) - len(set(ids))} drawn twice"
+
+
+@pytest.mark.exercise3
+def test_a_resumed_sampler_draws_what_the_stopped_one_would_have():
+    """A stopped priming saves the sampler's state as JSON (model.save_priming_state); restored from it,
+    the sampler goes on with the same sentences, across the end of a pass (catches a state that holds the
+    sentences themselves, which JSON turns into lists, instead of naming them)."""
+    examples = eighty_examples_each(["en", "es"])
+    stopped, resumed = D.TaskSampler(examples, 8, 4, seed=0), D.TaskSampler(examples, 8, 4, seed=1)
+    for _ in range(3):
+        stopped.sample()
+    resumed.load_state_dict(json.loads(json.dumps(stopped.state_dict())))
+    for step in range(2 * stopped.steps_per_pass()):
+        expected, got = stopped.sample(), resumed.sample()
+        assert [(lang, [id(e) for e in s + q]) for lang, s, q in got] == \
+            [(lang, [id(e) for e in s + q]) for lang, s, q in expected], f"step {step} after resuming"
+
+
 @pytest.mark.parametrize("variant", ["meta", "maml"])
 @pytest.mark.exercise4
 @pytest.mark.exercise5
@@ -443,7 +470,11 @@ def test_the_inner_loops_copies_are_leaves_that_share_nothing_with_theta(any_pe_
 def test_pe_inner_loop_leaves_pretrained_untouched_and_adapts_adapter_and_head(any_pe_tagger, tiny):
     model, tokenizer = any_pe_tagger
     before = snapshot(model)
+    for p in model.parameters():  # line 14's Σ over earlier tasks, which the inner loop must leave alone
+        p.grad = torch.full_like(p, 0.5)
     fast, support_losses = meta.adapt(model, batch_of(tiny, tokenizer, "en", 0, 8), "en", meta.InnerLoop(steps=5))
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p.grad, torch.full_like(p, 0.5))]
+    assert not changed, f"the inner loop changed the .grad of {len(changed)} of θ's tensors, {changed[:3]} ..."
     theta_a = {"adapter": "adapter.", "lora": ".lora_", "bitfit": ".bias"}[model.pe_method]
     assert {n for n in fast if not n.startswith("heads.")} == {n for n in before if theta_a in n and "heads" not in n}
     assert {n for n in fast if n.startswith("heads.")} == {"heads.en.weight", "heads.en.bias"}
