@@ -569,6 +569,12 @@ def two_tasks(tiny, tokenizer):
             for lang in ("en", "es")]
 
 
+def two_tasks_in_en_and_one_in_es(tiny, tokenizer):
+    return [("en", batch_of(tiny, tokenizer, "en", 0, 8), batch_of(tiny, tokenizer, "en", 8, 8)),
+            ("en", batch_of(tiny, tokenizer, "en", 16, 8), batch_of(tiny, tokenizer, "en", 24, 8)),
+            ("es", batch_of(tiny, tokenizer, "es", 0, 8), batch_of(tiny, tokenizer, "es", 8, 8))]
+
+
 def added_meta_gradient(model, tasks, inner):
     """.grad of θp and θa after adapt() and add_meta_gradient() for each task in turn, from none."""
     for lang, support, query in tasks:
@@ -663,10 +669,11 @@ def test_meta_step_starts_from_zero_gradients_and_steps_optimizer_and_schedule_o
 @pytest.mark.exercise7
 def test_meta_step_returns_the_summed_query_loss_and_the_mean_support_curve(tagger, tiny):
     """What prime() records of a meta-step: the query loss at θ^i summed over its tasks (line 14's Σ)
-    and the support curve averaged over them, each task's as adapt() gives it. Catches the curves
-    summed, or the query losses averaged."""
+    and the support curve averaged over them, each task's as adapt() gives it from θ. Catches the
+    curves summed, the query losses averaged, or θh¹ set (line 15) before a language's later tasks
+    have adapted from θh itself."""
     model, tokenizer = tagger
-    tasks, inner = two_tasks(tiny, tokenizer), meta.InnerLoop(steps=3)
+    tasks, inner = two_tasks_in_en_and_one_in_es(tiny, tokenizer), meta.InnerLoop(steps=3)
     curves, query_losses = [], []
     for lang, support, query in tasks:
         fast, curve = meta.adapt(model, support, lang, inner)
@@ -684,9 +691,7 @@ def test_meta_step_sets_each_head_to_its_first_task_adapted_head_and_moves_theta
     """Line 15, θh = θh¹, with a head per language: each head is the one its language's first task
     adapted, not a later task's (catches the last task's head kept)."""
     model, tokenizer = tagger
-    tasks = [("en", batch_of(tiny, tokenizer, "en", 0, 8), batch_of(tiny, tokenizer, "en", 8, 8)),
-             ("en", batch_of(tiny, tokenizer, "en", 16, 8), batch_of(tiny, tokenizer, "en", 24, 8)),
-             ("es", batch_of(tiny, tokenizer, "es", 0, 8), batch_of(tiny, tokenizer, "es", 8, 8))]
+    tasks = two_tasks_in_en_and_one_in_es(tiny, tokenizer)
     first_en, _ = meta.adapt(model, tasks[0][1], "en", meta.InnerLoop())
     second_en, _ = meta.adapt(model, tasks[1][1], "en", meta.InnerLoop())
     first_es, _ = meta.adapt(model, tasks[2][1], "es", meta.InnerLoop())
