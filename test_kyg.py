@@ -155,6 +155,17 @@ def test_labels_sit_on_the_first_subword_only(tagger):
 
 
 @pytest.mark.exercise1
+def test_a_word_with_no_subwords_is_scored_as_unseen_and_the_next_keeps_its_place(tagger):
+    _, tokenizer = tagger
+    tags = [D.LABEL_ID["B-PER"], D.LABEL_ID["B-ORG"], D.LABEL_ID["B-LOC"]]
+    [ex] = D.encode([D.Sentence(["kalomi", "\u200b", "vide"], tags)], tokenizer, 64)  # the tokenizer drops "\u200b"
+    assert tokenizer.convert_ids_to_tokens(ex.input_ids) == ["[CLS]", "ka", "##lo", "##mi", "vi", "##de", "[SEP]"]
+    assert ex.labels == [-100, tags[0], -100, -100, tags[2], -100, -100], ex.labels
+    assert ex.word_positions == [1, -1, 4], ex.word_positions
+    assert D.word_tags(ex, torch.tensor(ex.labels).clamp(min=0)) == ["B-PER", "O", "B-LOC"]  # scored, as O
+
+
+@pytest.mark.exercise1
 def test_truncation_cuts_the_input_but_every_gold_word_is_scored(tagger):
     _, tokenizer = tagger
     words = ["kalo"] * 10 + ["vide"]
