@@ -5,7 +5,7 @@
 #                            for 4 > 5) and 4 and 7 with the exact meta-gradient, and the Figure 3/4
 #                            matrix (priming {meta, maml, none} x fine-tuning {adapter, full}),
 #                            priming on en + es, then the table beside the paper's (OUT/table.md)
-#   bash run.sh small        the same at 1/20 of the paper's data: 1,000 training sentences per
+#   bash run.sh small        the same on less data: 1,000 training sentences per
 #                            language, 40 priming steps, 300 dev and test sentences, 20 epochs
 #                            (results/small: rows 2-7 and 5b, five rates, two priming seeds)
 #   bash run.sh paper-scale  the paper's data: every sentence, one priming pass (312 steps), dev
