@@ -5,8 +5,8 @@
 #                            for 4 > 5) and 4 and 7 with the exact meta-gradient, and the Figure 3/4
 #                            matrix (priming {meta, maml, none} x fine-tuning {adapter, full}),
 #                            priming on en + es, then the table beside the paper's (OUT/table.md)
-#   bash run.sh small        the same on less data: 1,000 training sentences per
-#                            language, 40 priming steps, 300 dev and test sentences, 20 epochs
+#   bash run.sh small        the same on less data: 1,000 training sentences a language (1/5 to
+#                            1/20 of each's), 40 priming steps, 300 dev and test sentences, 20 epochs
 #                            (results/small: rows 2-7 and 5b, five rates, two priming seeds)
 #   bash run.sh paper-scale  the paper's data: every sentence, one priming pass (312 steps), dev
 #                            capped at 1,000 (results/paper-scale: small's rows, then row 1 and Figure 3)
