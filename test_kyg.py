@@ -1475,7 +1475,8 @@ def test_a_killed_finetune_keeps_every_finished_run_and_redoes_the_killed_one(ti
     out = tmp_path / "r"
     args = ["finetune", "--method", "adapter", "--lang", "hi", "--seed", "1", "2", "--epochs", "40",
             "--model", tiny["model"], "--data-dir", tiny["data"], "--out", str(out)]
-    start_and_kill(args, lambda: (out / "results.jsonl").exists())
+    results = out / "results.jsonl"  # append_result creates it empty, then writes the line: wait for the line
+    start_and_kill(args, lambda: results.exists() and results.read_bytes().endswith(b"\n"))
     assert [r["seed"] for r in report.read_results(str(out))] == [1]  # seed 1 whole, seed 2 not half-written
     assert run_kyg(*args).returncode == 0
     assert [r["seed"] for r in report.read_results(str(out))] == [1, 2]
